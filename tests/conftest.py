@@ -1,0 +1,54 @@
+"""Shared fixtures: real peers on loopback, stopped even when a test fails."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.peers import Registry, TestCA
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    """A plain-HTTP CNCF registry."""
+    reg = Registry(tmp_path / "registry")
+    try:
+        yield reg.start()
+    finally:
+        reg.stop()
+
+
+@pytest.fixture
+def second_registry(tmp_path: Path) -> Iterator[Registry]:
+    reg = Registry(tmp_path / "registry2")
+    try:
+        yield reg.start()
+    finally:
+        reg.stop()
+
+
+@pytest.fixture
+def test_ca(tmp_path: Path) -> TestCA:
+    return TestCA(tmp_path / "ca").create()
+
+
+@pytest.fixture
+def tls_registry(tmp_path: Path, test_ca: TestCA) -> Iterator[Registry]:
+    """A CNCF registry over HTTPS with a test CA (`registry.tls.ca_cert`)."""
+    reg = Registry(tmp_path / "tls-registry", tls=test_ca)
+    try:
+        yield reg.start()
+    finally:
+        reg.stop()
+
+
+@pytest.fixture
+def auth_registry(tmp_path: Path) -> Iterator[Registry]:
+    """A plain-HTTP CNCF registry with htpasswd basic auth (user `gapkit`, password `s3cret`)."""
+    reg = Registry(tmp_path / "auth-registry", users={"gapkit": "s3cret"})
+    try:
+        yield reg.start()
+    finally:
+        reg.stop()
