@@ -105,7 +105,7 @@ class Reference:
         assert self.tag is not None
         return self.tag
 
-    def with_digest(self, digest: Digest) -> Reference:
+    def with_digest(self, digest: Digest | None) -> Reference:
         return Reference(self.repository, self.tag, digest)
 
     def with_tag(self, tag: str | None) -> Reference:

@@ -1,0 +1,267 @@
+"""OCI image layout directory as a store (`oci:DIR` in skopeo's terms).
+
+Blobs are written to a temp file beside their final name, hashed as they stream, fsynced and
+renamed; `index.json` is replaced atomically after each named image. Each named image carries its
+full reference in both `io.containerd.image.name` and `org.opencontainers.image.ref.name`, so
+`ctr image import` and skopeo (`oci:DIR:docker.io/library/nginx:latest`) find it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from gapkit.errors import DigestMismatch, InvalidReference, NotFound, StoreError
+from gapkit.oci.fsutil import atomic_write, fsync_dir, pid_alive
+from gapkit.oci.model import (
+    ANNOTATION_CONTAINERD_NAME,
+    ANNOTATION_REF_NAME,
+    OCI_INDEX,
+    Descriptor,
+    Digest,
+    Manifest,
+)
+from gapkit.oci.reference import Reference, Repository
+from gapkit.oci.stores.base import CHUNK_SIZE
+from gapkit.oci.stream import THREAD_HASH_THRESHOLD, VerifiedStream
+
+OCI_LAYOUT_FILE = "oci-layout"
+OCI_LAYOUT_CONTENT = b'{"imageLayoutVersion": "1.0.0"}'
+_PARTIAL_PREFIX = ".partial-"
+
+
+def entry_reference(entry: Descriptor) -> Reference | None:
+    """The image name an `index.json` entry carries, if any (containerd's first, then OCI's)."""
+    for key in (ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME):
+        name = entry.annotations.get(key)
+        if name:
+            try:
+                return Reference.parse(name)
+            except InvalidReference:
+                continue
+    return None
+
+
+def same_name(a: Reference, b: Reference) -> bool:
+    """Whether two references name the same tag (digests aside)."""
+    return a.repository == b.repository and a.tag == b.tag
+
+
+def naming_annotations(ref: Reference) -> dict[str, str]:
+    name = str(ref.with_digest(None)) if ref.tag else str(ref)
+    return {ANNOTATION_CONTAINERD_NAME: name, ANNOTATION_REF_NAME: name}
+
+
+class LayoutStore:
+    """A store backed by an OCI image layout folder."""
+
+    def __init__(self, root: Path, create: bool = True) -> None:
+        self.root = Path(root)
+        self.blobs = self.root / "blobs" / "sha256"
+        self._index_lock = asyncio.Lock()
+        self._entries: list[Descriptor] | None = None
+        self._dirty_dirs = False
+        marker = self.root / OCI_LAYOUT_FILE
+        if not marker.exists():
+            if not create:
+                raise StoreError(
+                    f"{self.root} is not an OCI image layout (it has no {OCI_LAYOUT_FILE} file)",
+                    hint="give the folder that holds oci-layout, index.json and blobs/",
+                )
+            if self.root.exists() and any(self.root.iterdir()):
+                raise StoreError(
+                    f"{self.root} exists, is not empty and is not an OCI image layout",
+                    hint="choose an empty or new folder for the layout",
+                )
+            self.blobs.mkdir(parents=True, exist_ok=True)
+            atomic_write(marker, OCI_LAYOUT_CONTENT)
+            atomic_write(self.root / "index.json", self._index_bytes([]))
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_partials()
+
+    # -- index.json ---------------------------------------------------------------------------
+
+    def _load_entries(self) -> list[Descriptor]:
+        if self._entries is None:
+            path = self.root / "index.json"
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                raw = self._index_bytes([])
+            try:
+                manifest = Manifest.parse(raw, OCI_INDEX, where=str(path))
+            except Exception as exc:
+                raise StoreError(f"{path} is damaged: {exc}",
+                                 hint="restore the layout from its source") from None
+            self._entries = list(manifest.manifests)
+        return self._entries
+
+    @staticmethod
+    def _index_bytes(entries: list[Descriptor]) -> bytes:
+        doc: dict[str, Any] = {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [e.to_json() for e in entries],
+        }
+        return json.dumps(doc, indent=2).encode() + b"\n"
+
+    def _find(self, ref: Reference) -> Descriptor:
+        if ref.tag is not None:
+            for entry in self._load_entries():
+                name = entry_reference(entry)
+                if name is not None and same_name(name, ref):
+                    if ref.digest is not None and entry.digest != ref.digest:
+                        continue
+                    return entry
+        if ref.digest is not None:
+            for entry in self._load_entries():
+                if entry.digest == ref.digest:
+                    return entry
+            size = self._blob_size(ref.digest)
+            if size is not None:
+                return Descriptor("", ref.digest, size)
+        raise NotFound(f"{ref} is not in the layout {self.root}",
+                       hint="list what it holds with `skopeo inspect` or `cat index.json`")
+
+    # -- manifests ----------------------------------------------------------------------------
+
+    async def get_manifest(self, ref: Reference) -> Manifest:
+        desc = self._find(ref)
+        path = self._blob_path(desc.digest)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"layout {self.root} names {ref} but has no blob {desc.digest}",
+                             hint="the layout is incomplete; copy the image into it again") from None
+        return Manifest.parse(raw, desc.media_type or None, where=f"{ref} in {self.root}",
+                              expected=desc.digest)
+
+    async def head_manifest(self, ref: Reference) -> Descriptor | None:
+        try:
+            desc = self._find(ref)
+        except NotFound:
+            return None
+        if not desc.media_type:
+            return (await self.get_manifest(ref)).descriptor()
+        return desc
+
+    async def put_manifest(self, ref: Reference, manifest: Manifest) -> None:
+        path = self._blob_path(manifest.digest)
+        if not path.exists():
+            await asyncio.to_thread(self._write_blob_bytes, path, manifest.raw)
+        if ref.tag is None:
+            return
+        async with self._index_lock:
+            entries = [e for e in self._load_entries()
+                       if (name := entry_reference(e)) is None or not same_name(name, ref)]
+            entries.append(manifest.descriptor(annotations=naming_annotations(ref)))
+            await asyncio.to_thread(
+                atomic_write, self.root / "index.json", self._index_bytes(entries))
+            self._entries = entries
+
+    def _write_blob_bytes(self, path: Path, data: bytes) -> None:
+        atomic_write(path, data, mode=0o644)
+
+    # -- blobs --------------------------------------------------------------------------------
+
+    def _blob_path(self, digest: Digest) -> Path:
+        folder = self.blobs if digest.algorithm == "sha256" else self.root / "blobs" / digest.algorithm
+        return folder / digest.hex
+
+    def _blob_size(self, digest: Digest) -> int | None:
+        try:
+            return self._blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    async def head_blob(self, repository: Repository, digest: Digest) -> int | None:
+        return self._blob_size(digest)
+
+    async def open_blob(
+        self, repository: Repository, descriptor: Descriptor, offset: int = 0
+    ) -> AsyncIterator[bytes]:
+        path = self._blob_path(descriptor.digest)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed in finally across awaits
+        except FileNotFoundError:
+            raise NotFound(f"blob {descriptor.digest} is not in the layout {self.root}",
+                           hint="the layout is incomplete; copy the image into it again") from None
+        try:
+            if offset:
+                f.seek(offset)
+            while chunk := await asyncio.to_thread(f.read, CHUNK_SIZE):
+                yield chunk
+        finally:
+            f.close()
+
+    async def put_blob(
+        self, repository: Repository, descriptor: Descriptor, chunks: AsyncIterator[bytes]
+    ) -> None:
+        final = self._blob_path(descriptor.digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        verify = not isinstance(chunks, VerifiedStream)
+        hasher = descriptor.digest.hasher() if verify else None
+        tmp = final.with_name(
+            f"{_PARTIAL_PREFIX}{descriptor.digest.hex}-{os.getpid()}-{secrets.token_hex(4)}")
+        f = open(tmp, "wb", buffering=0)  # noqa: SIM115 - closed in finally across awaits
+        size = 0
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                if hasher is not None and len(chunk) >= THREAD_HASH_THRESHOLD:
+                    await asyncio.to_thread(_hash_and_write, hasher, f, chunk)
+                else:
+                    if hasher is not None:
+                        hasher.update(chunk)
+                    await asyncio.to_thread(f.write, chunk)
+            if hasher is not None:
+                actual = f"{descriptor.digest.algorithm}:{hasher.hexdigest()}"
+                if actual != str(descriptor.digest) or size != descriptor.size:
+                    raise DigestMismatch(str(descriptor.digest), actual)
+            await asyncio.to_thread(os.fsync, f.fileno())
+            f.close()
+            os.replace(tmp, final)
+            self._dirty_dirs = True
+        finally:
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    async def tags(self, repository: Repository) -> list[str]:
+        return sorted({ref.tag for ref in await self.images()
+                       if ref.repository == repository and ref.tag is not None})
+
+    async def images(self) -> list[Reference]:
+        out: list[Reference] = []
+        for entry in self._load_entries():
+            name = entry_reference(entry)
+            if name is not None:
+                out.append(name.with_digest(entry.digest))
+        return out
+
+    async def close(self) -> None:
+        if self._dirty_dirs:
+            await asyncio.to_thread(fsync_dir, self.blobs)
+            self._dirty_dirs = False
+
+    def _remove_stale_partials(self) -> None:
+        """Delete temp files that a killed gapkit left; those of a live process stay."""
+        for path in self.blobs.glob(f"{_PARTIAL_PREFIX}*"):
+            try:
+                pid = int(path.name.rsplit("-", 2)[-2])
+            except (ValueError, IndexError):
+                continue
+            if not pid_alive(pid) or pid == os.getpid():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+
+def _hash_and_write(hasher: Any, f: Any, chunk: bytes) -> None:
+    hasher.update(chunk)
+    f.write(chunk)
