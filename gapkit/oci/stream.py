@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from gapkit.errors import DigestMismatch
 from gapkit.oci.model import Descriptor
@@ -33,11 +33,22 @@ class VerifiedStream:
         self.where = where
         self._on_bytes = on_bytes
         self.received = 0
+        self._generator: AsyncGenerator[bytes, None] = self._iterate()
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iterate()
+    def __aiter__(self) -> VerifiedStream:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[bytes]:
+    async def __anext__(self) -> bytes:
+        return await self._generator.__anext__()
+
+    async def aclose(self) -> None:
+        """Release the source stream (a store that mounts a blob never reads it)."""
+        await self._generator.aclose()
+        closer = getattr(self._chunks, "aclose", None)
+        if closer is not None:
+            await closer()
+
+    async def _iterate(self) -> AsyncGenerator[bytes, None]:
         hasher = self.descriptor.digest.hasher()
         expected_size = self.descriptor.size
         pending: bytes | None = None
