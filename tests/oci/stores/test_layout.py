@@ -131,5 +131,5 @@ def test_not_a_layout_is_a_clear_error(tmp_path: Path) -> None:
 
 async def test_damaged_index_json_is_reported(source: Path) -> None:
     (source / "index.json").write_text("{not json")
-    with pytest.raises(StoreError, match="index.json is damaged"):
+    with pytest.raises(StoreError, match=r"index\.json is damaged"):
         await LayoutStore(source, create=False).images()

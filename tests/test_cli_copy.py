@@ -1,0 +1,172 @@
+"""`gapkit copy` end to end against a real docker-registry, with skopeo as the independent reader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.images import ImageSpec, make_layer, write_layout
+from tests.support.peers import Registry
+
+
+def gapkit(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "gapkit", *args], capture_output=True, text=True,
+                            timeout=300, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"gapkit {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def skopeo_digest(location: str, *flags: str) -> str:
+    out = subprocess.run(["skopeo", "inspect", "--raw", *flags, location], capture_output=True,
+                         check=True)
+    return "sha256:" + hashlib.sha256(out.stdout).hexdigest()
+
+
+@pytest.fixture
+def workload(tmp_path: Path) -> dict[str, str]:
+    """Two images sharing a base layer, one of them multi-arch, written by hand as a layout."""
+    base = make_layer(10, 300_000)
+    return write_layout(tmp_path / "workload", [
+        ImageSpec("calico-cni", [base, make_layer(11, 70_000)]),
+        ImageSpec("coredns", [base, make_layer(12, 50_000)],
+                  others={"linux/arm64/v8": [make_layer(13, 40_000)]}),
+    ])
+
+
+def test_registry_layout_registry_archive_round_trip_keeps_every_digest(
+        registry: Registry, second_registry: Registry, workload: dict[str, str],
+        tmp_path: Path) -> None:
+    registry.push_layout(tmp_path / "workload", "calico-cni", "calico/cni:v3.25.0")
+    registry.push_layout(tmp_path / "workload", "coredns", "coredns/coredns:1.10.1")
+    cni = f"{registry.host}/calico/cni:v3.25.0"
+    dns = f"{registry.host}/coredns/coredns:1.10.1"
+    layout = tmp_path / "layout"
+    for ref in (cni, dns):
+        gapkit("copy", "--all-platforms", "--plain-http", registry.host, f"docker://{ref}",
+               f"oci:{layout}")
+    assert skopeo_digest(f"oci:{layout}:{cni}") == workload["calico-cni"]
+    assert skopeo_digest(f"oci:{layout}:{dns}") == workload["coredns"]
+
+    pushed = f"{second_registry.host}/mirror/coredns:1.10.1"
+    gapkit("copy", "--all-platforms", "--plain-http", second_registry.host,
+           f"oci:{layout}:{dns}", f"docker://{pushed}")
+    assert skopeo_digest(f"docker://{pushed}", "--tls-verify=false") == workload["coredns"]
+
+    archive = tmp_path / "images.tar"
+    gapkit("copy", "--all-platforms", f"oci:{layout}", f"oci-archive:{archive}")
+    assert skopeo_digest(f"oci-archive:{archive}:{dns}") == workload["coredns"]
+    assert skopeo_digest(f"oci-archive:{archive}:{cni}") == workload["calico-cni"]
+
+    back = tmp_path / "back"
+    gapkit("copy", "--all-platforms", f"oci-archive:{archive}", f"oci:{back}")
+    assert skopeo_digest(f"oci:{back}:{cni}") == workload["calico-cni"]
+    assert skopeo_digest(f"oci:{back}:{dns}") == workload["coredns"]
+
+
+def test_one_platform_of_a_multi_arch_image_still_resolves_by_its_index_digest(
+        registry: Registry, workload: dict[str, str], tmp_path: Path) -> None:
+    registry.push_layout(tmp_path / "workload", "coredns", "coredns/coredns:1.10.1")
+    ref = f"{registry.host}/coredns/coredns:1.10.1"
+    out = gapkit("copy", "--platform", "linux/arm64", "--plain-http", registry.host, "--json",
+                 f"docker://{ref}", f"oci:{tmp_path / 'arm'}")
+    report = json.loads(out.stdout)
+    assert report["images"][0]["digest"] == workload["coredns"]
+    assert report["images"][0]["platforms"] == ["linux/arm64"]
+    by_digest = f"{registry.host}/coredns/coredns@{workload['coredns']}"
+    inspected = subprocess.run(
+        ["skopeo", "inspect", "--override-arch", "arm64", f"oci:{tmp_path / 'arm'}:{ref}"],
+        capture_output=True, text=True, check=True)
+    assert json.loads(inspected.stdout)["Architecture"] == "arm64"
+    again = gapkit("copy", "--platform", "linux/arm64", "--plain-http", registry.host, "--json",
+                   f"docker://{by_digest}", f"oci:{tmp_path / 'arm2'}")
+    assert json.loads(again.stdout)["images"][0]["digest"] == workload["coredns"]
+
+
+def test_a_registry_serving_a_wrong_blob_fails_naming_the_digest_and_keeps_nothing(
+        registry: Registry, tmp_path: Path) -> None:
+    layer = make_layer(20, 100_000)
+    write_layout(tmp_path / "w", [ImageSpec("app", [layer])])
+    registry.push_layout(tmp_path / "w", "app", "team/app:1")
+    digest = layer.blob.digest.split(":", 1)[1]
+    stored = registry.folder / "data" / "docker/registry/v2/blobs/sha256" / digest[:2] / digest / "data"
+    data = bytearray(stored.read_bytes())
+    data[-10] ^= 0x55
+    stored.write_bytes(bytes(data))
+    dest = tmp_path / "dest"
+    out = gapkit("copy", "--plain-http", registry.host, f"docker://{registry.host}/team/app:1",
+                 f"oci:{dest}", check=False)
+    assert out.returncode == 1
+    assert layer.blob.digest in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (dest / "blobs" / "sha256" / digest).exists()
+    assert not [p for p in (dest / "blobs" / "sha256").iterdir() if p.name.startswith(".")]
+    assert json.loads((dest / "index.json").read_text())["manifests"] == []
+
+
+def test_an_interrupted_copy_resumes_fetching_only_what_was_missing(
+        registry: Registry, tmp_path: Path) -> None:
+    layers = [make_layer(30 + i, 12_000_000) for i in range(6)]
+    write_layout(tmp_path / "w", [ImageSpec("big", layers)])
+    registry.push_layout(tmp_path / "w", "big", "team/big:1")
+    dest = tmp_path / "dest"
+    blobs = dest / "blobs" / "sha256"
+    args = [sys.executable, "-m", "gapkit", "copy", "--jobs", "1", "--plain-http", registry.host,
+            f"docker://{registry.host}/team/big:1", f"oci:{dest}"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    layer_names = {layer.blob.digest.split(":", 1)[1] for layer in layers}
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            done = layer_names & {p.name for p in blobs.iterdir()} if blobs.exists() else set()
+            if len(done) >= 2:
+                break
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    kept = layer_names & {p.name for p in blobs.iterdir()}
+    assert 2 <= len(kept) < len(layers), "the kill should land mid-copy"
+    out = gapkit("copy", "--jobs", "1", "--plain-http", registry.host, "--json",
+                 f"docker://{registry.host}/team/big:1", f"oci:{dest}")
+    report = json.loads(out.stdout)
+    missing = [layer for layer in layers if layer.blob.digest.split(":", 1)[1] not in kept]
+    assert report["blobs_present"] >= len(kept)
+    assert report["bytes_copied"] <= sum(len(layer.blob.data) for layer in missing) + 10_000
+    assert not [p for p in blobs.iterdir() if p.name.startswith(".")]
+    assert skopeo_digest(f"oci:{dest}:{registry.host}/team/big:1") == \
+        skopeo_digest(f"docker://{registry.host}/team/big:1", "--tls-verify=false")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["copy", "docker://Nginx", "oci:/tmp/x"], 2, "lower case"),
+        (["copy", "nginx", "oci:/tmp/x"], 2, "does not name a transport"),
+        (["copy", "oci:/nonexistent/layout:app", "oci:/tmp/x"], 1, "not an OCI image layout"),
+        (["copy", "--platform", "linux", "oci:/x:y", "oci:/tmp/x"], 2, "not a platform"),
+        (["copy", "--ca", "reg.example", "docker://a", "oci:/tmp/x"], 2, "REGISTRY=FILE"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_no_traceback(args: list[str], code: int,
+                                                       message: str) -> None:
+    out = gapkit(*args, check=False)
+    assert out.returncode == code, out.stderr
+    assert message in out.stderr
+    assert out.stderr.startswith("error:")
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_image_is_not_found(registry: Registry, tmp_path: Path) -> None:
+    out = gapkit("copy", "--plain-http", registry.host, f"docker://{registry.host}/no/such:1",
+                 f"oci:{tmp_path / 'd'}", check=False)
+    assert out.returncode == 3, out.stderr
+    assert "no/such" in out.stderr
