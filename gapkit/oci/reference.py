@@ -115,14 +115,20 @@ class Reference:
         return Reference(repository, self.tag, self.digest)
 
     def familiar(self) -> str:
-        """The short form Docker prints: `nginx:latest`, `calico/cni:v3.25.0`."""
+        """The short form Docker prints (`nginx:latest`, `calico/cni:v3.25.0`).
+
+        Unlike Docker's, it stays unambiguous: `docker.io/` is kept when the first path
+        component would otherwise read as a registry host.
+        """
         path = self.path
-        if self.registry == DOCKER_HUB:
-            path = path.removeprefix("library/")
-            name = path
-        else:
-            name = f"{self.registry}/{path}"
-        return name + self._suffix()
+        if self.registry != DOCKER_HUB:
+            return f"{self.registry}/{path}{self._suffix()}"
+        parts = path.split("/")
+        if len(parts) == 2 and parts[0] == "library":
+            path = parts[1]
+        elif "." in parts[0] or ":" in parts[0] or parts[0] == "localhost":
+            path = f"{DOCKER_HUB}/{path}"
+        return path + self._suffix()
 
     def _suffix(self) -> str:
         out = f":{self.tag}" if self.tag is not None else ""
