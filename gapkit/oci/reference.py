@@ -140,6 +140,11 @@ class Reference:
         return f"{self.repository.name}{self._suffix()}"
 
 
+def normalise_registry(host: str) -> str:
+    """`index.docker.io` and `registry-1.docker.io` are `docker.io`; other hosts stay."""
+    return DOCKER_HUB if host in _DOCKER_HUB_ALIASES else host
+
+
 def _split_registry(name: str, original: str) -> tuple[str, str]:
     first, sep, rest = name.partition("/")
     if sep and ("." in first or ":" in first or first == "localhost"):
@@ -148,8 +153,7 @@ def _split_registry(name: str, original: str) -> tuple[str, str]:
         registry, path = first, rest
     else:
         registry, path = DOCKER_HUB, name
-    if registry in _DOCKER_HUB_ALIASES:
-        registry = DOCKER_HUB
+    registry = normalise_registry(registry)
     if registry == DOCKER_HUB and "/" not in path:
         path = f"library/{path}"
     if not path:

@@ -12,7 +12,7 @@ from typing import Literal
 from gapkit.errors import UsageError
 from gapkit.oci.copy import DEFAULT_JOBS, CopyReport, CopyRequest, EventHandler, copy
 from gapkit.oci.model import Platform
-from gapkit.oci.reference import Reference
+from gapkit.oci.reference import Reference, normalise_registry
 from gapkit.oci.stores.archive import ArchiveStore
 from gapkit.oci.stores.base import Store
 from gapkit.oci.stores.layout import LayoutStore
@@ -163,7 +163,10 @@ def registry_settings_from_flags(
     options: dict[str, dict[str, object]] = {}
 
     def host_key(text: str) -> str:
-        return Reference.parse(f"{text}/x").registry if "/" not in text else text
+        host = text.removeprefix("https://").removeprefix("http://").rstrip("/")
+        if not host or "/" in host:
+            raise UsageError(f"{text!r} is not a registry host (write HOST or HOST:PORT)")
+        return normalise_registry(host)
 
     for host in plain_http:
         options.setdefault(host_key(host), {})["plain_http"] = True
