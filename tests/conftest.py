@@ -52,3 +52,16 @@ def auth_registry(tmp_path: Path) -> Iterator[Registry]:
         yield reg.start()
     finally:
         reg.stop()
+
+
+from tests.support.containerd import Containerd  # noqa: E402 - appended with its fixture
+
+
+@pytest.fixture
+def containerd(tmp_path: Path) -> Iterator[Containerd]:
+    """A real containerd (CRI plugin off), its own root, state and socket; see `Containerd.ctr`."""
+    daemon = Containerd(tmp_path / "containerd")
+    try:
+        yield daemon.start()
+    finally:
+        daemon.stop()

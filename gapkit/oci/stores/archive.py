@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -281,7 +282,7 @@ def _pread_exact(path: Path, offset: int, size: int) -> bytes:
 
 
 def _hash_range(path: Path, offset: int, size: int) -> Digest:
-    hasher = Digest("sha256", "0" * 64).hasher()
+    hasher = hashlib.sha256()
     with open(path, "rb") as f:
         fd = f.fileno()
         pos, end = offset, offset + size
@@ -929,6 +930,8 @@ class ArchiveStore:
         """Run `fn` on the writer's one thread: file operations happen in submission order."""
         writer = self._writer
         assert writer is not None
+        if self._closed:
+            raise StoreError(f"archive {self.path} was closed or aborted while being written")
         return await asyncio.wrap_future(writer.executor.submit(fn, *args))
 
     async def _write_member(self, name: str, size: int, chunks: AsyncIterator[bytes],
@@ -1096,7 +1099,11 @@ def _append(file: Any, data: bytes, hasher: Any) -> None:
 
 
 def _finish(file: Any, temp: Path, target: Path) -> None:
-    """End-of-archive blocks, padding to a whole record, fsync, rename, fsync the folder."""
+    """End-of-archive blocks, padding to a whole record, fsync, rename, fsync the folder.
+
+    Once the rename is done the archive is committed: a failing folder fsync is not reported
+    as a failed close (the file is complete; only its name might not survive a power loss).
+    """
     end = file.tell()
     trailer = 2 * _BLOCK
     trailer += -(end + trailer) % _RECORD
@@ -1105,14 +1112,12 @@ def _finish(file: Any, temp: Path, target: Path) -> None:
     os.fsync(file.fileno())
     file.close()
     os.replace(temp, target)
-    try:
+    with contextlib.suppress(OSError):
         folder = os.open(target.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def _discard_temp(file: Any, temp: Path, executor: concurrent.futures.ThreadPoolExecutor) -> None:
