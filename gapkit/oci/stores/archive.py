@@ -47,6 +47,7 @@ from typing import Any, Literal, TypeVar
 
 from gapkit.errors import (
     DigestMismatch,
+    GapkitError,
     InvalidReference,
     ManifestError,
     NotFound,
@@ -79,7 +80,7 @@ ArchiveFormat = Literal["oci", "docker"]
 FORMATS: tuple[ArchiveFormat, ...] = ("oci", "docker")
 
 #: More members than any real image archive has (a bundle of 1000 images has ~10 000).
-MAX_MEMBERS = 200_000
+MAX_MEMBERS = 100_000
 #: `index.json`, `manifest.json`, `repositories`: far larger than real ones, small enough to read.
 MAX_METADATA_SIZE = 16 * 1024 * 1024
 #: Data of pax and GNU long-name headers, which tarfile reads into memory.
@@ -146,13 +147,19 @@ class _GuardedTarInfo(tarfile.TarInfo):
         start = fileobj.tell()
         buf = fileobj.read(_BLOCK)
         fileobj.seek(start)
-        try:
-            info = cls.frombuf(buf, tarfile.encoding or "utf-8", tarfile.errors)
-        except Exception:  # tarfile raises the precise error itself, below
-            info = None
-        if info is not None and info.type in _META_HEADER_TYPES and info.size > MAX_HEADER_DATA:
-            raise _HostileHeader(
-                f"an extended header at byte {start} declares {info.size} bytes of header data")
+        # Only the type flag and the size field: tarfile parses (and checks) the header itself.
+        if len(buf) == _BLOCK and buf[156:157] in _META_HEADER_TYPES:
+            size_field = buf[124:136]
+            if size_field[0] & 0x80:  # base-256: only needed for sizes of 8 GiB and more
+                size = 1 << 63
+            else:
+                try:
+                    size = int(size_field.replace(b"\0", b" ").strip() or b"0", 8)
+                except ValueError:
+                    size = 0  # not a valid header: tarfile reports it
+            if size > MAX_HEADER_DATA:
+                raise _HostileHeader(
+                    f"an extended header at byte {start} declares {size} bytes of header data")
         return super().fromtarfile(tarfile)
 
 
@@ -355,7 +362,6 @@ class _DockerImage:
 class _Writer:
     """State of an archive being written."""
 
-    format: ArchiveFormat
     temp: Path
     file: Any  # io.BufferedRandom, used only on the executor's one thread
     executor: concurrent.futures.ThreadPoolExecutor
@@ -441,7 +447,7 @@ class ArchiveStore:
         executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="gapkit-archive")
         finalizer = weakref.finalize(store, _discard_temp, file, temp, executor)
-        store._writer = _Writer(format, temp, file, executor, platform or Platform.host(),
+        store._writer = _Writer(temp, file, executor, platform or Platform.host(),
                                 finalizer)
         store._data_path = temp
         # Directories first, like other image tools; oci-layout first so a sniffer finds it.
@@ -839,8 +845,25 @@ class ArchiveStore:
                        if ref.repository == repository and ref.tag is not None})
 
     async def images(self) -> list[Reference]:
+        """Every named image as `name:tag@digest` (as the layout store lists them), by name.
+
+        For a `docker save` tar this synthesises every manifest, hashing every layer once.
+        """
         self._check_open()
-        return sorted(self._listed, key=str)
+        out = []
+        for ref in sorted(self._listed, key=str):
+            digest = await self._named_digest(ref)
+            out.append(ref if digest is None else ref.with_digest(digest))
+        return out
+
+    async def _named_digest(self, ref: Reference) -> Digest | None:
+        if self._writer is not None and self.format == "docker":
+            return self._writer.docker_tags.get(ref)
+        if self.format == "docker":
+            image = self._docker_names.get(ref)
+            return None if image is None else (await self._synthesise(image)).digest
+        named = self._names.get(ref)
+        return None if named is None else named.digest
 
     # ---- other members (a bundle's gapkit/ folder) -------------------------------------
 
@@ -943,22 +966,25 @@ class ArchiveStore:
         header = _header(name, size)
         hasher = check.digest.hasher() if check is not None else None
         where = f"the stream for {name} in {self.path}"
+
+        def wrong(detail: str) -> GapkitError:
+            if check is None:
+                return StoreError(f"cannot write member {name!r} to {self.path}: {detail}")
+            return DigestMismatch(str(check.digest), detail, where)
+
         received = 0
+        iterator = aiter(chunks)
         try:
             await self._io(_write_at, writer.file, start, header)
-            async for chunk in chunks:
+            async for chunk in iterator:
                 if not chunk:
                     continue
                 received += len(chunk)
                 if received > size:
-                    raise DigestMismatch(
-                        str(check.digest) if check else name,
-                        f"it is longer than the {size} bytes its descriptor declares", where)
+                    raise wrong(f"it is longer than the {size} bytes its descriptor declares")
                 await self._io(_append, writer.file, chunk, hasher)
             if received != size:
-                raise DigestMismatch(
-                    str(check.digest) if check else name,
-                    f"it is {received} bytes where its descriptor declares {size}", where)
+                raise wrong(f"it is {received} bytes where its descriptor declares {size}")
             if check is not None and hasher is not None:
                 actual = f"{check.digest.algorithm}:{hasher.hexdigest()}"
                 if actual != str(check.digest):
@@ -967,6 +993,10 @@ class ArchiveStore:
             await self._io(writer.file.flush)
         except BaseException:
             self._rollback(writer, start)
+            closer = getattr(iterator, "aclose", None)
+            if closer is not None:  # we stopped reading it: let its source go now, not at GC
+                with contextlib.suppress(Exception):
+                    await closer()
             raise
         writer.position = start + len(header) + size + (-size % _BLOCK)
         return _Member(name, start + len(header), size)

@@ -40,6 +40,7 @@ from tests.support.images import ImageSpec, Layer, file_digest, make_layer, writ
 APP = Reference.parse("app:v1")
 MULTI = Reference.parse("multi:v1")
 BIG = 3 * 1024 * 1024 + 123  # several 1 MiB chunks, and not a whole number of tar blocks
+BUNDLE_JSON = b'{"kind": "gapkit bundle"}'
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -81,6 +82,10 @@ async def file_chunks(path: Path, size: int = 256 * 1024) -> AsyncIterator[bytes
     with open(path, "rb") as f:
         while chunk := f.read(size):
             yield chunk
+
+
+async def one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 async def read_all(chunks: AsyncIterator[bytes]) -> bytes:
@@ -161,7 +166,7 @@ async def test_reads_skopeo_oci_archive_with_the_layouts_exact_bytes(
     store = await ArchiveStore.open(archive)
     assert isinstance(store, Store)
     assert store.format == "oci"
-    assert await store.images() == [APP]
+    assert await store.images() == [APP.with_digest(source.digest)]
     assert await store.tags(APP.repository) == ["v1"]
     manifest = await store.get_manifest(APP)
     assert manifest.raw == source.raw and manifest.digest == source.digest
@@ -194,7 +199,7 @@ async def test_reads_a_multi_arch_oci_archive_named_by_a_short_ref_name(
 
     async with await ArchiveStore.open(archive) as store:
         short = Reference.parse("v1")
-        assert await store.images() == [short]
+        assert await store.images() == [short.with_digest(source.digest)]
         index = await store.get_manifest(short)
         assert index.is_index and index.raw == source.raw
         for desc in index.manifests:
@@ -215,7 +220,6 @@ async def test_reads_a_skopeo_docker_archive_as_a_registry_would_serve_it(
 
     store = await ArchiveStore.open(archive)
     assert store.format == "docker"
-    assert await store.images() == [APP]
     # blobs are found before any manifest was asked for (digests computed on demand)
     assert await store.head_blob(APP.repository, source.config.digest) == source.config.size  # type: ignore[union-attr]
     manifest = await store.get_manifest(APP)
@@ -230,6 +234,7 @@ async def test_reads_a_skopeo_docker_archive_as_a_registry_would_serve_it(
         assert data == gzip.decompress(blob_path(layout, original.digest).read_bytes())
     again = await store.get_manifest(APP.with_digest(manifest.digest))
     assert again.raw == manifest.raw
+    assert await store.images() == [APP.with_digest(manifest.digest)]
     await store.close()
 
 
@@ -266,9 +271,9 @@ async def test_reads_a_legacy_docker_save_with_id_folders_links_and_gzip_layers(
     parts = legacy_docker_save(archive, layers)
 
     store = await ArchiveStore.open(archive)
-    assert [str(r) for r in await store.images()] == [
-        "docker.io/library/app:v1", "example.com/team/app:2"]
     manifest = await store.get_manifest(APP)
+    assert [str(r) for r in await store.images()] == [
+        f"docker.io/library/app:v1@{manifest.digest}", f"example.com/team/app:2@{manifest.digest}"]
     assert (await store.get_manifest(Reference.parse("example.com/team/app:2"))).raw == manifest.raw
     assert manifest.config is not None and manifest.config.digest == Digest.of(parts["config"])
     assert [d.media_type for d in manifest.layers] == [DOCKER_LAYER, DOCKER_LAYER_GZIP, DOCKER_LAYER]
@@ -319,7 +324,7 @@ async def test_index_names_match_either_annotation_and_list_the_containerd_name(
     store = await ArchiveStore.open(archive)
     assert store.format == "oci"
     assert [str(r) for r in await store.images()] == [
-        "docker.io/library/nginx:1.25", "quay.io/org/y:1"]
+        f"docker.io/library/nginx:1.25@{digests['x']}", f"quay.io/org/y:1@{digests['y']}"]
     by_full = await store.get_manifest(Reference.parse("nginx:1.25"))
     by_short = await store.get_manifest(Reference.parse("1.25"))
     assert by_full.raw == by_short.raw == manifest_x
@@ -336,8 +341,10 @@ async def test_written_oci_archive_is_read_by_skopeo_and_imported_by_ctr(
     async with ArchiveStore.create(target) as store:
         app = await put_image(store, layout, "app", APP)
         multi = await put_image(store, layout, "multi", MULTI)
+        await store.put_member("gapkit/bundle.json", len(BUNDLE_JSON), one_chunk(BUNDLE_JSON))
         assert await store.head_manifest(APP) == app.descriptor()
-        assert await store.images() == [APP, MULTI]
+        assert await store.images() == [APP.with_digest(app.digest),
+                                        MULTI.with_digest(multi.digest)]
         assert not target.exists()
     assert sorted(os.listdir(target.parent)) == ["images.tar"]
 
@@ -364,7 +371,9 @@ async def test_written_oci_archive_is_read_by_skopeo_and_imported_by_ctr(
 
     reread = await ArchiveStore.open(target)
     assert (await reread.get_manifest(MULTI)).raw == multi.raw
-    assert await reread.images() == [APP, MULTI]
+    assert await read_all(reread.open_member("gapkit/bundle.json")) == BUNDLE_JSON
+    assert await reread.images() == [APP.with_digest(app.digest),
+                                     MULTI.with_digest(multi.digest)]
 
 
 async def test_multi_arch_index_with_blobs_for_one_platform_imports_for_that_platform(
