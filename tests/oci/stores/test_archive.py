@@ -372,6 +372,18 @@ async def test_written_oci_archive_is_read_by_skopeo_and_imported_by_ctr(
     reread = await ArchiveStore.open(target)
     assert (await reread.get_manifest(MULTI)).raw == multi.raw
     assert await read_all(reread.open_member("gapkit/bundle.json")) == BUNDLE_JSON
+
+    # and what `ctr image export` writes (OCI layout + manifest.json) reads back the same
+    exported = tmp_path / "exported.tar"
+    containerd.ctr("image", "export", "--all-platforms", str(exported), str(APP), str(MULTI))
+    from_ctr = await ArchiveStore.open(exported)
+    assert from_ctr.format == "oci"
+    assert await from_ctr.images() == [APP.with_digest(app.digest),
+                                       MULTI.with_digest(multi.digest)]
+    for desc in app.blobs:
+        await read_all(VerifiedStream(from_ctr.open_blob(APP.repository, desc), desc))
+    for child in multi.manifests:
+        assert (await from_ctr.get_manifest(MULTI.with_digest(child.digest))).digest == child.digest
     assert await reread.images() == [APP.with_digest(app.digest),
                                      MULTI.with_digest(multi.digest)]
 
