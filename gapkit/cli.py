@@ -10,11 +10,11 @@ import asyncio
 import json
 import sys
 import traceback
-from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated
 
 import click
 import typer
+from rich.markup import escape
 
 from gapkit import __version__, ui
 from gapkit.errors import GapkitError
@@ -84,27 +84,17 @@ def copy_command(
 
 def _render_copy(report: CopyReport, as_json: bool) -> None:
     if as_json:
-        ui.stdout.print_json(json.dumps(_jsonable(asdict(report))))
+        ui.stdout.print_json(json.dumps(report.to_json()))
         return
     for image in report.images:
         ui.stdout.print(f"{image.destination}@{image.digest}", highlight=False, soft_wrap=True)
         if image.note:
-            ui.stderr.print(f"[yellow]note:[/] {image.note}", highlight=False, soft_wrap=True)
+            ui.stderr.print(f"[yellow]note:[/] {escape(image.note)}", highlight=False, soft_wrap=True)
     ui.stderr.print(
         f"{len(report.images)} image(s): {report.blobs_copied} blob(s) copied "
         f"({ui.human_bytes(report.bytes_copied)}), {report.blobs_present} already there"
         + (f", {report.blobs_mounted} mounted" if report.blobs_mounted else ""),
         highlight=False)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -49,15 +50,15 @@ def copy_progress(enabled: bool | None = None) -> Iterator[EventHandler]:
             elif isinstance(event, ImageCopied):
                 state["images"] += 1
                 progress.update(task, description=f"copied {state['images']} image(s)")
-                progress.console.print(f"  {event.destination}  {event.digest}")
+                progress.console.print(f"  {event.destination}  {event.digest}", markup=False)
 
         yield on_event
 
 
 def error(message: str, hint: str | None = None) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if hint:
-        stderr.print(f"[bold]hint:[/] {hint}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold]hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
 
 
 def human_bytes(n: float) -> str:

@@ -93,6 +93,20 @@ class CopyReport:
     bytes_present: int = 0
     blobs_mounted: int = 0
 
+    def to_json(self) -> dict[str, object]:
+        """The report as `--json` prints it: references and digests in their wire forms."""
+        return {
+            "images": [
+                {"source": str(i.source), "destination": str(i.destination),
+                 "digest": str(i.digest), "media_type": i.media_type,
+                 "platforms": [str(p) for p in i.platforms], "note": i.note}
+                for i in self.images
+            ],
+            "blobs_copied": self.blobs_copied, "bytes_copied": self.bytes_copied,
+            "blobs_present": self.blobs_present, "bytes_present": self.bytes_present,
+            "blobs_mounted": self.blobs_mounted,
+        }
+
 
 @dataclass
 class _Resolved:

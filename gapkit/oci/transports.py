@@ -47,7 +47,7 @@ class Location:
         if not path_text:
             raise UsageError(f"{text!r} names no {'folder' if transport == 'oci' else 'file'}")
         reference = Reference.parse(ref_text) if ref_text else None
-        return cls(transport, Path(path_text), reference)  # type: ignore[arg-type]
+        return cls(transport, Path(path_text), reference)
 
     def __str__(self) -> str:
         if self.transport == "docker":
@@ -69,7 +69,7 @@ class RegistrySettings:
                              docker_config=self.docker_config)
 
 
-def open_store(location: Location, role: Literal["source", "destination"],
+async def open_store(location: Location, role: Literal["source", "destination"],
                registries: RegistrySettings) -> Store:
     if location.transport == "docker":
         return registries.store()
@@ -79,7 +79,7 @@ def open_store(location: Location, role: Literal["source", "destination"],
     archive_format: Literal["oci", "docker"] = (
         "oci" if location.transport == "oci-archive" else "docker")
     if role == "source":
-        return ArchiveStore.open(location.path)
+        return await ArchiveStore.open(location.path)
     return ArchiveStore.create(location.path, format=archive_format)
 
 
@@ -118,11 +118,11 @@ async def copy_images(
     chosen: frozenset[Platform] | None = None
     if not all_platforms:
         chosen = frozenset(platforms) if platforms else frozenset({Platform.host()})
-    source_store = open_store(source, "source", registries)
+    source_store = await open_store(source, "source", registries)
     destination_store: Store | None = None
     try:
         requests = await plan_requests(source, destination, source_store)
-        destination_store = open_store(destination, "destination", registries)
+        destination_store = await open_store(destination, "destination", registries)
         report = await copy(source_store, destination_store, requests, chosen, jobs, on_event)
     except BaseException:
         if destination_store is not None:

@@ -7,7 +7,7 @@ of the tar file in a worker thread. Two kinds of archive are understood:
 - an **OCI image layout** in a tar (`oci-layout`, `index.json`, `blobs/<alg>/<hex>`), as
   `skopeo copy … oci-archive:`, `ctr image export`, Docker 25+ `docker save` and gapkit's own
   bundles write it. Names come from the `io.containerd.image.name` and
-  `org.opencontainers.image.ref.name` annotations of `index.json` entries (see `_entry_names`).
+  `org.opencontainers.image.ref.name` annotations of `index.json` entries (see `gapkit.oci.naming`).
 - a **`docker save` tar** (`manifest.json` with `Config`, `RepoTags`, `Layers`), as older
   `docker save` and `skopeo copy … docker-archive:` write it. It has no manifests, so one Docker
   schema 2 manifest is synthesised per entry, the way a registry would serve the image: blob
@@ -55,8 +55,6 @@ from gapkit.errors import (
     UsageError,
 )
 from gapkit.oci.model import (
-    ANNOTATION_CONTAINERD_NAME,
-    ANNOTATION_REF_NAME,
     DOCKER_CONFIG,
     DOCKER_LAYER,
     DOCKER_LAYER_GZIP,
@@ -72,6 +70,7 @@ from gapkit.oci.model import (
     Manifest,
     Platform,
 )
+from gapkit.oci.naming import entry_names, naming_annotations
 from gapkit.oci.reference import Reference, Repository
 from gapkit.oci.stores.base import CHUNK_SIZE
 from gapkit.oci.stream import VerifiedStream
@@ -307,35 +306,6 @@ def _hash_range(path: Path, offset: int, size: int) -> Digest:
 # Names
 
 
-def _entry_names(annotations: Any) -> tuple[list[Reference], Reference | None]:
-    """The references an index.json entry matches, and the one it is listed under.
-
-    Both `io.containerd.image.name` and `org.opencontainers.image.ref.name` are parsed with
-    `Reference.parse` (unparsable ones skipped), so a skopeo-style short `ref.name` ("v1")
-    matches `Reference.parse("v1")`. The listed name is the containerd one when it parses
-    (Docker 25 writes `ref.name: "latest"` beside the full containerd name).
-    """
-    matches: list[Reference] = []
-    if not hasattr(annotations, "get"):
-        return matches, None
-    for key in (ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME):
-        text = annotations.get(key)
-        if not text:
-            continue
-        try:
-            ref = Reference.parse(str(text))
-        except InvalidReference:
-            continue
-        if ref.digest is None and ref not in matches:
-            matches.append(ref)
-    return matches, (matches[0] if matches else None)
-
-
-def _name_annotations(ref: Reference) -> dict[str, str]:
-    name = str(ref)
-    return {ANNOTATION_CONTAINERD_NAME: name, ANNOTATION_REF_NAME: name}
-
-
 def _layer_type(head: bytes) -> str:
     if head.startswith(_GZIP_MAGIC):
         return DOCKER_LAYER_GZIP
@@ -522,7 +492,8 @@ class ArchiveStore:
         for desc in descriptors:
             if desc.media_type:
                 self._media_types.setdefault(desc.digest, desc.media_type)
-            matches, listed = _entry_names(desc.annotations)
+            matches = entry_names(desc.annotations)
+            listed = matches[0] if matches else None
             plain = Descriptor(desc.media_type, desc.digest, desc.size)
             for ref in matches:
                 self._names.setdefault(ref, plain)
@@ -1058,7 +1029,7 @@ class ArchiveStore:
 
     def _index_members(self, writer: _Writer) -> list[tuple[str, bytes]]:
         if self.format == "oci":
-            entries = [dict(desc.to_json(), annotations=_name_annotations(ref))
+            entries = [dict(desc.to_json(), annotations=naming_annotations(ref))
                        for ref, desc in self._names.items()]
             index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
             return [("index.json", json.dumps(index, separators=(",", ":")).encode())]

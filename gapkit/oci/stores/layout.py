@@ -17,16 +17,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from gapkit.errors import DigestMismatch, InvalidReference, NotFound, StoreError
+from gapkit.errors import DigestMismatch, NotFound, StoreError
 from gapkit.oci.fsutil import atomic_write, fsync_dir, pid_alive
 from gapkit.oci.model import (
-    ANNOTATION_CONTAINERD_NAME,
-    ANNOTATION_REF_NAME,
     OCI_INDEX,
     Descriptor,
     Digest,
     Manifest,
 )
+from gapkit.oci.naming import entry_names, naming_annotations, same_name
 from gapkit.oci.reference import Reference, Repository
 from gapkit.oci.stores.base import CHUNK_SIZE
 from gapkit.oci.stream import THREAD_HASH_THRESHOLD, VerifiedStream
@@ -34,28 +33,6 @@ from gapkit.oci.stream import THREAD_HASH_THRESHOLD, VerifiedStream
 OCI_LAYOUT_FILE = "oci-layout"
 OCI_LAYOUT_CONTENT = b'{"imageLayoutVersion": "1.0.0"}'
 _PARTIAL_PREFIX = ".partial-"
-
-
-def entry_reference(entry: Descriptor) -> Reference | None:
-    """The image name an `index.json` entry carries, if any (containerd's first, then OCI's)."""
-    for key in (ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME):
-        name = entry.annotations.get(key)
-        if name:
-            try:
-                return Reference.parse(name)
-            except InvalidReference:
-                continue
-    return None
-
-
-def same_name(a: Reference, b: Reference) -> bool:
-    """Whether two references name the same tag (digests aside)."""
-    return a.repository == b.repository and a.tag == b.tag
-
-
-def naming_annotations(ref: Reference) -> dict[str, str]:
-    name = str(ref.with_digest(None)) if ref.tag else str(ref)
-    return {ANNOTATION_CONTAINERD_NAME: name, ANNOTATION_REF_NAME: name}
 
 
 class LayoutStore:
@@ -114,8 +91,7 @@ class LayoutStore:
     def _find(self, ref: Reference) -> Descriptor:
         if ref.tag is not None:
             for entry in self._load_entries():
-                name = entry_reference(entry)
-                if name is not None and same_name(name, ref):
+                if any(same_name(name, ref) for name in entry_names(entry.annotations)):
                     if ref.digest is not None and entry.digest != ref.digest:
                         continue
                     return entry
@@ -159,7 +135,7 @@ class LayoutStore:
             return
         async with self._index_lock:
             entries = [e for e in self._load_entries()
-                       if (name := entry_reference(e)) is None or not same_name(name, ref)]
+                       if not any(same_name(name, ref) for name in entry_names(e.annotations))]
             entries.append(manifest.descriptor(annotations=naming_annotations(ref)))
             await asyncio.to_thread(
                 atomic_write, self.root / "index.json", self._index_bytes(entries))
@@ -240,9 +216,9 @@ class LayoutStore:
     async def images(self) -> list[Reference]:
         out: list[Reference] = []
         for entry in self._load_entries():
-            name = entry_reference(entry)
-            if name is not None:
-                out.append(name.with_digest(entry.digest))
+            names = entry_names(entry.annotations)
+            if names:
+                out.append(names[0].with_digest(entry.digest))
         return out
 
     async def close(self) -> None:
