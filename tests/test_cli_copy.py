@@ -170,3 +170,20 @@ def test_missing_image_is_not_found(registry: Registry, tmp_path: Path) -> None:
                  f"oci:{tmp_path / 'd'}", check=False)
     assert out.returncode == 3, out.stderr
     assert "no/such" in out.stderr
+
+
+def test_a_registry_refusing_a_partial_index_gets_the_platform_manifest_and_a_note(
+        registry: Registry, workload: dict[str, str], tmp_path: Path) -> None:
+    """CNCF distribution refuses an index whose other platforms are missing (as skopeo and
+    crane do then, the tag names the selected platform's manifest, and gapkit says so)."""
+    layout = tmp_path / "workload"
+    out = gapkit("copy", "--platform", "linux/amd64", "--plain-http", registry.host, "--json",
+                 f"oci:{layout}:coredns", f"docker://{registry.host}/coredns/coredns:1")
+    image = json.loads(out.stdout)["images"][0]
+    assert image["digest"] != workload["coredns"]
+    assert "refused the index" in image["note"] and workload["coredns"] in image["note"]
+    pulled = json.loads(subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", f"docker://{registry.host}/coredns/coredns:1"],
+        capture_output=True, text=True, check=True).stdout)
+    assert pulled["Digest"] == image["digest"]
+    assert pulled["Architecture"] == "amd64"
