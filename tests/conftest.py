@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.containerd import Containerd
 from tests.support.peers import Registry, TestCA
 
 
@@ -53,8 +54,6 @@ def auth_registry(tmp_path: Path) -> Iterator[Registry]:
     finally:
         reg.stop()
 
-
-from tests.support.containerd import Containerd  # noqa: E402 - appended with its fixture
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.containerd import Containerd
 from tests.support.images import ImageSpec, make_layer, write_layout
 from tests.support.peers import Registry
 
@@ -187,3 +188,30 @@ def test_a_registry_refusing_a_partial_index_gets_the_platform_manifest_and_a_no
         capture_output=True, text=True, check=True).stdout)
     assert pulled["Digest"] == image["digest"]
     assert pulled["Architecture"] == "amd64"
+
+
+def test_ctr_imports_the_archive_and_skopeo_reads_the_docker_archive_gapkit_wrote(
+        registry: Registry, containerd: Containerd, workload: dict[str, str],
+        tmp_path: Path) -> None:
+    registry.push_layout(tmp_path / "workload", "calico-cni", "calico/cni:v3.25.0")
+    registry.push_layout(tmp_path / "workload", "coredns", "coredns/coredns:1.10.1")
+    cni = f"{registry.host}/calico/cni:v3.25.0"
+    dns = f"{registry.host}/coredns/coredns:1.10.1"
+    layout = tmp_path / "layout"
+    for ref in (cni, dns):
+        gapkit("copy", "--platform", "linux/amd64", "--plain-http", registry.host,
+               f"docker://{ref}", f"oci:{layout}")
+    archive = tmp_path / "images.tar"
+    gapkit("copy", f"oci:{layout}", f"oci-archive:{archive}")
+    containerd.ctr("image", "import", "--platform", "linux/amd64", str(archive))
+    assert containerd.image_names() == sorted([cni, dns])
+    listed = containerd.ctr("image", "ls").stdout
+    assert workload["coredns"] in listed and workload["calico-cni"] in listed
+
+    saved = tmp_path / "saved.tar"
+    gapkit("copy", f"oci:{layout}:{cni}", f"docker-archive:{saved}")
+    inspected = json.loads(subprocess.run(
+        ["skopeo", "inspect", f"docker-archive:{saved}"], capture_output=True, text=True,
+        check=True).stdout)
+    assert inspected["Architecture"] == "amd64"
+    assert len(inspected["Layers"]) == 2
