@@ -215,3 +215,37 @@ def test_ctr_imports_the_archive_and_skopeo_reads_the_docker_archive_gapkit_wrot
         check=True).stdout)
     assert inspected["Architecture"] == "amd64"
     assert len(inspected["Layers"]) == 2
+
+
+def test_docker_io_images_come_through_a_mirror(registry: Registry, workload: dict[str, str],
+                                                tmp_path: Path) -> None:
+    """No internet here: the mirror must answer, as containerd's hosts.toml mirrors do."""
+    registry.push_layout(tmp_path / "workload", "calico-cni", "calico/cni:v3.25.0")
+    out = gapkit("copy", "--mirror", f"docker.io=http://{registry.host}", "--json",
+                 "docker://calico/cni:v3.25.0", f"oci:{tmp_path / 'via-mirror'}")
+    image = json.loads(out.stdout)["images"][0]
+    assert image["source"] == "docker.io/calico/cni:v3.25.0"
+    assert image["digest"] == workload["calico-cni"]
+    assert skopeo_digest(f"oci:{tmp_path / 'via-mirror'}:docker.io/calico/cni:v3.25.0") == \
+        workload["calico-cni"]
+
+
+def test_credentials_and_a_private_ca_reach_protected_registries(
+        auth_registry: Registry, tls_registry: Registry, workload: dict[str, str],
+        tmp_path: Path) -> None:
+    auth_registry.push_layout(tmp_path / "workload", "calico-cni", "calico/cni:v3.25.0")
+    src = f"docker://{auth_registry.host}/calico/cni:v3.25.0"
+    denied = gapkit("copy", "--plain-http", auth_registry.host, src, f"oci:{tmp_path / 'x'}",
+                    check=False)
+    assert denied.returncode == 1
+    assert "--creds" in denied.stderr and "Traceback" not in denied.stderr
+    assert tls_registry.tls is not None
+    dst = f"docker://{tls_registry.host}/calico/cni:v3.25.0"
+    untrusted = gapkit("copy", "--plain-http", auth_registry.host,
+                       "--creds", f"{auth_registry.host}=gapkit:s3cret", src, dst, check=False)
+    assert untrusted.returncode == 1
+    assert "--ca" in untrusted.stderr
+    gapkit("copy", "--plain-http", auth_registry.host,
+           "--creds", f"{auth_registry.host}=gapkit:s3cret",
+           "--ca", f"{tls_registry.host}={tls_registry.tls.ca_cert}", src, dst)
+    assert skopeo_digest(dst, *tls_registry.skopeo_tls_args("")) == workload["calico-cni"]

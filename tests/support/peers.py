@@ -150,18 +150,19 @@ class Registry:
         self.process = None
 
     def skopeo_tls_args(self, prefix: str) -> list[str]:
-        """skopeo flags (`prefix` is `src` or `dest`) to reach this registry."""
+        """skopeo flags (`prefix` is `src`, `dest`, or "" for `inspect`) to reach this registry."""
+        flag = f"--{prefix}-" if prefix else "--"
         args = []
         if self.tls is None:
-            args.append(f"--{prefix}-tls-verify=false")
+            args.append(f"{flag}tls-verify=false")
         else:
             certs = self.folder / "skopeo-certs"
             certs.mkdir(exist_ok=True)
             (certs / "ca.crt").write_bytes(self.tls.ca_cert.read_bytes())
-            args.append(f"--{prefix}-cert-dir={certs}")
+            args.append(f"{flag}cert-dir={certs}")
         if self.users:
             user, pw = next(iter(self.users.items()))
-            args.append(f"--{prefix}-creds={user}:{pw}")
+            args.append(f"{flag}creds={user}:{pw}")
         return args
 
     def push_layout(self, layout: Path, name: str, target: str, all_platforms: bool = True) -> None:
