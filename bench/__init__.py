@@ -1,0 +1,1 @@
+"""gapkit's benchmarks: `python -m bench copy ...` (see bench/README.md and shared/BENCHMARKS.md)."""
