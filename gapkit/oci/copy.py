@@ -82,6 +82,12 @@ class CopiedImage:
     media_type: str
     platforms: list[Platform]
     note: str = ""
+    #: The config and layer blobs of the copied platform manifests.
+    blobs: tuple[Descriptor, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return sum(d.size for d in self.blobs)
 
 
 @dataclass
@@ -99,7 +105,7 @@ class CopyReport:
             "images": [
                 {"source": str(i.source), "destination": str(i.destination),
                  "digest": str(i.digest), "media_type": i.media_type,
-                 "platforms": [str(p) for p in i.platforms], "note": i.note}
+                 "platforms": [str(p) for p in i.platforms], "size": i.size, "note": i.note}
                 for i in self.images
             ],
             "blobs_copied": self.blobs_copied, "bytes_copied": self.bytes_copied,
@@ -144,7 +150,8 @@ class _Copier:
         platforms = [d.platform for d in resolved.top.manifests
                      if d.platform and d.digest in {c.digest for c in resolved.children}]
         self.report.images.append(CopiedImage(request.source, request.destination, top.digest,
-                                              top.media_type, platforms, note))
+                                              top.media_type, platforms, note,
+                                              tuple(blobs.values())))
         self.on_event(ImageCopied(request.source, request.destination, top.digest, note))
 
     async def put_top(self, ref: Reference, resolved: _Resolved) -> tuple[Manifest, str]:

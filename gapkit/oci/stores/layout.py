@@ -38,8 +38,14 @@ _PARTIAL_PREFIX = ".partial-"
 class LayoutStore:
     """A store backed by an OCI image layout folder."""
 
-    def __init__(self, root: Path, create: bool = True) -> None:
+    def __init__(self, root: Path, create: bool = True, durable: bool = True) -> None:
+        """Open (or create) the layout at `root`.
+
+        `durable=False` skips the fsyncs, for a cache whose content is checked again when it
+        is read (the bundle cache: every blob passes a `VerifiedStream` on its way out).
+        """
         self.root = Path(root)
+        self.durable = durable
         self.blobs = self.root / "blobs" / "sha256"
         self._index_lock = asyncio.Lock()
         self._entries: list[Descriptor] | None = None
@@ -200,7 +206,8 @@ class LayoutStore:
                 actual = f"{descriptor.digest.algorithm}:{hasher.hexdigest()}"
                 if actual != str(descriptor.digest) or size != descriptor.size:
                     raise DigestMismatch(str(descriptor.digest), actual)
-            await asyncio.to_thread(os.fsync, f.fileno())
+            if self.durable:
+                await asyncio.to_thread(os.fsync, f.fileno())
             f.close()
             os.replace(tmp, final)
             self._dirty_dirs = True
@@ -222,7 +229,7 @@ class LayoutStore:
         return out
 
     async def close(self) -> None:
-        if self._dirty_dirs:
+        if self._dirty_dirs and self.durable:
             await asyncio.to_thread(fsync_dir, self.blobs)
             self._dirty_dirs = False
 
