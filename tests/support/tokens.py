@@ -7,6 +7,8 @@ Here the realm is `TokenServer`, an aiohttp app in the test's event loop that si
 with a throw-away key, and the checking is done by a real `docker-registry` configured with
 `auth.token` (it verifies the signature against the key's certificate, the issuer, the
 audience, the expiry and the granted actions). The server records every token request.
+It also takes Docker's OAuth2 refresh-token grant (a POST with `grant_type=refresh_token`),
+which clients use when the Docker config holds an `identitytoken`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class TokenServer:
     folder: Path
     users: dict[str, str]
     anonymous_pull: bool = False
+    #: refresh (identity) token -> the user it stands for.
+    refresh_tokens: dict[str, str] = field(default_factory=dict)
     requests: list[TokenRequest] = field(default_factory=list)
     port: int = 0
     _runner: web.AppRunner | None = None
@@ -84,6 +88,7 @@ class TokenServer:
     async def start(self) -> TokenServer:
         app = web.Application()
         app.router.add_get("/token", self._token)
+        app.router.add_post("/token", self._refresh)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         self.port = free_port()
@@ -119,7 +124,18 @@ class TokenServer:
                                          status=401)
             user = name
         scopes = tuple(request.query.getall("scope", []))
-        self.requests.append(TokenRequest(user, scopes, request.query.get("service", "")))
+        return self._grant(user, scopes, request.query.get("service", ""))
+
+    async def _refresh(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        user = self.refresh_tokens.get(str(form.get("refresh_token", "")))
+        if form.get("grant_type") != "refresh_token" or user is None:
+            return web.json_response({"error": "invalid_grant"}, status=401)
+        scopes = tuple(str(form.get("scope", "")).split())
+        return self._grant(user, scopes, str(form.get("service", "")))
+
+    def _grant(self, user: str | None, scopes: tuple[str, ...], service: str) -> web.Response:
+        self.requests.append(TokenRequest(user, scopes, service))
         access: list[dict[str, object]] = []
         for scope in scopes:
             kind, _, rest = scope.partition(":")

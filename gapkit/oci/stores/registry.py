@@ -13,7 +13,8 @@ credentials). What it does beyond plain HTTP calls, and why:
   resumes with `Range: bytes=N-`, so the consumer sees one seamless stream.
 - Reads of an upstream with mirrors go to the mirrors first, as containerd's `hosts.toml`
   does (`<mirror>/v2/<path>/...?ns=<upstream>`), falling back to the next mirror, then to
-  the upstream. Writes always go to the upstream.
+  the upstream. Writes, and the `head_*` checks a push decides on, go to the upstream only:
+  a blob the mirror has is no reason to skip pushing it upstream.
 - Pushes skip nothing themselves (the copy engine asks `head_blob` first) but mount a blob from
   another repository of the same registry when this session saw it there. Small blobs go up
   in one POST + PUT; large ones stream through one PATCH and a closing PUT (measured on
@@ -294,12 +295,10 @@ class _UploadBody:
     def __init__(self, chunks: AsyncIterator[bytes]) -> None:
         self.chunks = chunks
         self.error: BaseException | None = None
-        self.sent = 0
 
     async def iterate(self) -> AsyncGenerator[bytes, None]:
         try:
             async for chunk in self.chunks:
-                self.sent += len(chunk)
                 yield chunk
         except BaseException as exc:
             self.error = exc
@@ -367,8 +366,8 @@ class RegistryStore:
         return await self._read(ref.registry, lambda ep: self._get_manifest(ep, ref))
 
     async def head_manifest(self, ref: Reference) -> Descriptor | None:
-        return await self._read(ref.registry, lambda ep: self._head_manifest(ep, ref),
-                                none_is_miss=True)
+        """Whether the registry itself has `ref` (never a mirror: pushes decide on this)."""
+        return await self._head_manifest(self._upstream(ref.registry), ref)
 
     async def put_manifest(self, ref: Reference, manifest: Manifest) -> None:
         ep = self._upstream(ref.registry)
@@ -387,10 +386,8 @@ class RegistryStore:
             )
 
     async def head_blob(self, repository: Repository, digest: Digest) -> int | None:
-        size = await self._read(repository.registry,
-                                lambda ep: self._head_blob(ep, repository, digest),
-                                none_is_miss=True)
-        return size
+        """Whether the registry itself has the blob (never a mirror: a push skips on this)."""
+        return await self._head_blob(self._upstream(repository.registry), repository, digest)
 
     def open_blob(self, repository: Repository, descriptor: Descriptor,
                   offset: int = 0) -> AsyncIterator[bytes]:
@@ -403,10 +400,14 @@ class RegistryStore:
             location: URL | None = None
             source = self._mount_source(repository, descriptor.digest)
             if source is not None:
-                location = await self._mount(ep, repository, descriptor, source)
-                if location is None:
-                    self._note_blob(repository, descriptor.digest)
-                    return
+                try:
+                    location = await self._mount(ep, repository, descriptor, source)
+                except (RegistryError, NotFound):
+                    location = None  # a refused mount is only a missed shortcut: upload
+                else:
+                    if location is None:
+                        self._note_blob(repository, descriptor.digest)
+                        return
             if descriptor.size <= self.monolithic_limit:
                 data = await _collect(chunks, descriptor, str(repository))
                 await self._upload_monolithic(ep, repository, descriptor, data, location)
@@ -455,8 +456,7 @@ class RegistryStore:
         endpoints.append(self._upstream(registry))
         return endpoints
 
-    async def _read(self, registry: str, op: Callable[[_Endpoint], Awaitable[T]],
-                    none_is_miss: bool = False) -> T:
+    async def _read(self, registry: str, op: Callable[[_Endpoint], Awaitable[T]]) -> T:
         """Run `op` on the first mirror that answers, else on the upstream.
 
         A mirror that cannot be reached, lacks the content or fails after retries is skipped;
@@ -473,17 +473,14 @@ class RegistryStore:
             except GapkitError as exc:
                 notes.append(f"{ep.mirror_url}: {exc.message}")
                 continue
-            if result is None and none_is_miss:
-                notes.append(f"{ep.mirror_url}: not there")
-                continue
             return result
         try:
             return await op(endpoints[-1])
-        except (RegistryError, NotFound, ManifestError) as exc:
-            if not notes:
+        except GapkitError as exc:
+            annotated = _with_notes(exc, notes)
+            if annotated is exc:
                 raise
-            raise type(exc)(f"{exc.message} (mirrors tried first: {'; '.join(notes)})",
-                            exc.hint) from exc
+            raise annotated from exc
 
     async def _get_manifest(self, ep: _Endpoint, ref: Reference) -> Manifest:
         what = f"manifest {ref}"
@@ -693,7 +690,7 @@ class RegistryStore:
                          "Content-Length": str(descriptor.size)}, digest=descriptor.digest,
             ) as resp:
                 location = _location(resp, location)
-        except BaseException as exc:
+        except Exception as exc:
             await self._cancel_upload(ep, location, scopes)
             if body.error is not None and body.error is not exc:
                 raise body.error from None
@@ -720,7 +717,7 @@ class RegistryStore:
     def _options(self, host: str) -> HostOptions:
         return self._hosts.get(_host_key(host)) or HostOptions()
 
-    def _session_(self) -> aiohttp.ClientSession:
+    def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=max(100, 4 * self.connections_per_host),
                                              limit_per_host=self.connections_per_host)
@@ -750,20 +747,6 @@ class RegistryStore:
         delay = min(self.max_backoff, self.backoff * 2.0 ** max(0, attempt - 1))
         return delay * random.uniform(0.5, 1.0)
 
-    def _retry_after(self, resp: aiohttp.ClientResponse) -> float | None:
-        value = resp.headers.get("Retry-After", "").strip()
-        if not value:
-            return None
-        if value.isdigit():
-            seconds = float(value)
-        else:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                return None
-            seconds = when.timestamp() - time.time()
-        return min(max(0.0, seconds), self.max_retry_after)
-
     async def _send(self, method: str, url: URL, *, headers: Mapping[str, str],
                     data: Any = None, retry: bool = True,
                     follow_redirects: bool = False) -> aiohttp.ClientResponse:
@@ -783,7 +766,7 @@ class RegistryStore:
                     continue
                 raise
             if retry and attempt < self.retries and _is_retryable_status(resp.status):
-                delay = self._retry_after(resp)
+                delay = retry_after(resp.headers.get("Retry-After", ""), self.max_retry_after)
                 resp.release()
                 attempt += 1
                 await asyncio.sleep(self._backoff(attempt) if delay is None else delay)
@@ -793,7 +776,7 @@ class RegistryStore:
     async def _follow(self, method: str, url: URL, headers: Mapping[str, str], data: Any,
                       follow_redirects: bool) -> aiohttp.ClientResponse:
         """Send, following redirects by hand: Authorization never leaves the registry's host."""
-        session = self._session_()
+        session = self._http()
         current = dict(headers)
         for _ in range(MAX_REDIRECTS + 1):
             resp = await session.request(method, url, headers=current, data=data,
@@ -845,9 +828,13 @@ class RegistryStore:
             if resp.status == 401:
                 challenge = parse_challenge(resp.headers.getall("WWW-Authenticate", []))
                 resp.release()
+                # Another try helps with a (new) bearer challenge, or with basic credentials
+                # not sent yet; the same basic credentials again would only be refused again.
                 sent_basic = sent_token is not None and sent_token.startswith("Basic ")
+                have_basic = challenge is not None and challenge.scheme == "basic" and (
+                    await self._credentials.lookup(ep.host_key)) is not None
                 if (challenge is not None and not authenticated_again
-                        and not (challenge.scheme == "basic" and sent_basic)):
+                        and (challenge.scheme == "bearer" or (have_basic and not sent_basic))):
                     authenticated_again = True
                     state = self._host_state(ep)
                     state.challenge = challenge
@@ -1101,6 +1088,22 @@ def _ssl_context(options: HostOptions, host: str) -> ssl.SSLContext | bool:
         raise UsageError(f"cannot load the CA file {options.ca_file} for {host}: {exc}",
                          hint="give --ca REGISTRY=FILE a PEM file with the CA certificate") from None
     return context
+
+
+def retry_after(value: str, cap: float, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` value (seconds or an HTTP date), at most `cap`."""
+    value = value.strip()
+    if not value:
+        return None
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return min(max(0.0, seconds), cap)
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -24,8 +24,15 @@ from gapkit.oci.auth import CredentialSource, DockerConfig
 from gapkit.oci.model import Descriptor, Digest, Manifest
 from gapkit.oci.reference import Reference, Repository
 from gapkit.oci.stores.base import Store
-from gapkit.oci.stores.registry import HostOptions, ProxyConfig, RegistryStore, api_root
+from gapkit.oci.stores.registry import (
+    HostOptions,
+    ProxyConfig,
+    RegistryStore,
+    api_root,
+    retry_after,
+)
 from gapkit.oci.stream import VerifiedStream
+from tests.support import peers
 from tests.support.faults import Fault, FaultProxy
 from tests.support.images import ImageSpec, make_layer, write_layout
 from tests.support.peers import Registry, free_port, wait_for_port
@@ -63,7 +70,7 @@ async def proxies() -> AsyncIterator[Callable[..., Awaitable[FaultProxy]]]:
 @pytest.fixture
 async def token_server(tmp_path: Path) -> AsyncIterator[TokenServer]:
     server = await TokenServer(tmp_path / "token-server", {"gapkit": "s3cret"},
-                               anonymous_pull=True).start()
+                               anonymous_pull=True, refresh_tokens={"rt-1234": "gapkit"}).start()
     try:
         yield server
     finally:
@@ -300,6 +307,40 @@ async def test_a_failing_stream_commits_nothing_and_keeps_its_error(
                 await store.put_blob(target, liar,
                                      VerifiedStream(store.open_blob(repo, desc), liar))
             assert await store.head_blob(target, liar.digest) is None
+            # Unverified bytes: the registry itself refuses them, reported as a mismatch.
+            with pytest.raises(DigestMismatch, match="registry refused it"):
+                await store.put_blob(target, liar, store.open_blob(repo, desc))
+            assert await store.head_blob(target, liar.digest) is None
+    finally:
+        await store.close()
+
+
+async def test_blob_redirects_leave_credentials_behind(
+        auth_registry: Registry, registry: Registry, layout: tuple[Path, dict[str, str]],
+        proxies: Callable[..., Awaitable[FaultProxy]]) -> None:
+    root, _ = layout
+    auth_registry.push_layout(root, "app", "demo/app:v1")
+    registry.push_layout(root, "app", "demo/app:v1")  # stands in for the blob storage
+    front = await proxies(auth_registry)
+    storage = await proxies(registry)
+    store = RegistryStore(hosts={front.host: HostOptions(plain_http=True,
+                                                         credentials=("gapkit", "s3cret"))},
+                          backoff=0.05, proxies=ProxyConfig())
+    try:
+        manifest = await store.get_manifest(Reference.parse(f"{front.host}/demo/app:v1"))
+        layer = manifest.layers[1]
+        blob_path = f"/v2/demo/app/blobs/{layer.digest}"
+        front.add(Fault("status", path=blob_path, status=307, times=2,
+                        headers={"Location": f"{storage.url}{blob_path}?X-Signature=s1%2Bx"}))
+        storage.add(Fault("reset", path=blob_path, after=1_000_000))
+        data = await read_all(VerifiedStream(
+            store.open_blob(Repository.parse(f"{front.host}/demo/app"), layer), layer))
+        assert data == blob_bytes(root, layer.digest)
+        assert all("Authorization" in r.headers for r in front.seen("GET", blob_path))
+        served = storage.seen("GET", blob_path)
+        assert len(served) == 2 and not any("Authorization" in r.headers for r in served)
+        assert served[0].query["X-Signature"] == "s1+x"
+        assert served[1].headers["Range"].startswith("bytes=")  # resumed via the registry
     finally:
         await store.close()
 
@@ -410,6 +451,12 @@ async def test_credentials_come_from_a_credential_helper(
     finally:
         await store.close()
     assert DockerConfig.load(config).helper_for("quay.io") == "test"
+    missing = tmp_path / "missing-helper.json"
+    missing.write_text(json.dumps({"credsStore": "gapkit-no-such-helper"}))
+    with pytest.raises(AuthError) as no_helper:
+        await CredentialSource(docker_config=missing).lookup("quay.io")
+    assert "docker-credential-gapkit-no-such-helper" in no_helper.value.message
+    assert no_helper.value.hint is not None and "--creds" in no_helper.value.hint
 
 
 async def test_bearer_tokens_are_fetched_once_per_scope_and_reused(
@@ -460,6 +507,27 @@ async def test_bearer_tokens_are_fetched_once_per_scope_and_reused(
         with pytest.raises(AuthError, match=r"token server .* refused the credentials"):
             await wrong.get_manifest(src)
         await wrong.close()
+    finally:
+        await store.close()
+
+
+async def test_identity_token_from_docker_config_is_exchanged_at_the_realm(
+        token_registry: TokenRegistry, token_server: TokenServer,
+        layout: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    root, digests = layout
+    await asyncio.to_thread(token_registry.push_layout, root, "app", "demo/app:v1")
+    token_server.requests.clear()
+    config = tmp_path / "identity.json"
+    config.write_text(json.dumps({"auths": {token_registry.host: {"identitytoken": "rt-1234"}}}))
+    store = RegistryStore(hosts={token_registry.host: HostOptions(plain_http=True)},
+                          docker_config=config)
+    try:
+        src = Reference.parse(f"{token_registry.host}/demo/app:v1")
+        manifest = await copy_image(store, src,
+                                    Reference.parse(f"{token_registry.host}/idt/app:v1"))
+        assert str(manifest.digest) == digests["app"]
+        assert {r.user for r in token_server.requests} == {"gapkit"}
+        assert ("repository:idt/app:pull,push",) in token_server.scopes_requested()
     finally:
         await store.close()
 
@@ -611,6 +679,9 @@ async def test_reads_go_through_the_mirror_with_ns_and_fall_back_upstream(
         multi = await store.get_manifest(Reference.parse(f"{upstream.host}/demo/multi:v1"))
         assert str(multi.digest) == digests["multi"]
         assert mirror.seen("GET", "^/v2/demo/multi/manifests/v1$")  # asked first, had none
+        # Presence checks answer for the registry itself: a push decides on them.
+        assert await store.head_manifest(Reference.parse(f"{upstream.host}/demo/app:v1")) is None
+        assert await store.head_blob(repo, layer.digest) is None
         # Writes never go to a mirror.
         await store.put_manifest(Reference.parse(f"{upstream.host}/demo/multi:v2"), multi)
         assert await store.tags(Repository.parse(f"{upstream.host}/demo/multi")) == ["v1", "v2"]
@@ -637,6 +708,15 @@ async def test_docker_hub_content_comes_from_its_mirror(
         await store.close()
     assert api_root("docker.io", HostOptions()) == "https://registry-1.docker.io/v2"
     assert api_root("127.0.0.1:5000", HostOptions(plain_http=True)) == "http://127.0.0.1:5000/v2"
+
+
+def test_retry_after_takes_seconds_or_an_http_date_and_is_capped() -> None:
+    now = 1_700_000_000.0
+    assert retry_after("3", 60) == 3.0
+    assert retry_after("3600", 60) == 60.0
+    assert retry_after("Tue, 14 Nov 2023 22:13:40 GMT", 60, now=now) == 20.0
+    assert retry_after("Tue, 14 Nov 2023 22:00:00 GMT", 60, now=now) == 0.0
+    assert retry_after("soon", 60) is None and retry_after("", 60) is None
 
 
 def test_no_proxy_follows_go_rules() -> None:
@@ -668,8 +748,13 @@ def test_no_proxy_follows_go_rules() -> None:
     assert env.https == "http://p:1" and env.no_proxy == ("a.io", "b.io")
 
 
-async def test_requests_go_through_https_proxy_from_the_environment(
-        registry: Registry, layout: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+@pytest.fixture
+def loopback_name() -> str:
+    """This machine's host name, when it resolves to loopback (as Debian's /etc/hosts does).
+
+    Go programs and gapkit never send loopback addresses through a proxy, so a proxy test
+    needs the registry under a name.
+    """
     name = socket.gethostname()
     try:
         resolved = socket.gethostbyname(name)
@@ -677,39 +762,69 @@ async def test_requests_go_through_https_proxy_from_the_environment(
         resolved = ""
     if not resolved.startswith("127."):
         pytest.skip(f"the host name {name!r} does not resolve to loopback here")
-    root, digests = layout
-    registry.push_layout(root, "app", "demo/app:v1")
+    return name
+
+
+@pytest.fixture
+def tinyproxy(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real tinyproxy on loopback: its URL and its log (one line per request)."""
     port = free_port()
     log = tmp_path / "tinyproxy.log"
     conf = tmp_path / "tinyproxy.conf"
     conf.write_text(f"Port {port}\nListen 127.0.0.1\nTimeout 30\nLogFile \"{log}\"\n"
                     "LogLevel Connect\nMaxClients 20\nAllow 127.0.0.1\n")
-    tinyproxy = subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
+    process = subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     try:
         wait_for_port(port)
-        # The registry by host name (not loopback by address, which never uses a proxy).
-        host = f"{name}:{registry.port}"
-        ref = Reference.parse(f"{host}/demo/app:v1")
-        env = {"HTTP_PROXY": f"http://127.0.0.1:{port}", "NO_PROXY": "example.com"}
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(5)
+
+
+async def test_plain_http_goes_through_http_proxy_unless_no_proxy_names_it(
+        registry: Registry, layout: tuple[Path, dict[str, str]], loopback_name: str,
+        tinyproxy: tuple[str, Path]) -> None:
+    root, digests = layout
+    registry.push_layout(root, "app", "demo/app:v1")
+    proxy_url, log = tinyproxy
+    host = f"{loopback_name}:{registry.port}"
+    ref = Reference.parse(f"{host}/demo/app:v1")
+    env = {"HTTP_PROXY": proxy_url, "NO_PROXY": "example.com"}
+    for no_proxy, proxied in (("example.com", True), (loopback_name, False),
+                              ("127.0.0.0/8", True), (f"{loopback_name}:{registry.port}", False)):
+        before = log.read_text().count("/v2/demo/app/manifests/v1") if log.exists() else 0
         store = RegistryStore(hosts={host: HostOptions(plain_http=True)},
-                              proxies=ProxyConfig.from_env(env))
+                              proxies=ProxyConfig.from_env({**env, "NO_PROXY": no_proxy}))
         try:
             assert str((await store.get_manifest(ref)).digest) == digests["app"]
         finally:
             await store.close()
-        await asyncio.sleep(0.2)
-        assert f"{host}/v2/demo/app/manifests/v1" in log.read_text()
-        bypass = RegistryStore(hosts={host: HostOptions(plain_http=True)},
-                               proxies=ProxyConfig.from_env({**env, "NO_PROXY": name}))
-        before = log.read_text().count("/v2/demo/app/manifests/v1")
+        await asyncio.sleep(0.1)
+        after = log.read_text().count("/v2/demo/app/manifests/v1")
+        assert (after > before) == proxied, no_proxy
+
+
+async def test_https_goes_through_the_proxy_by_connect_with_the_ca_file(
+        tmp_path: Path, layout: tuple[Path, dict[str, str]], loopback_name: str,
+        tinyproxy: tuple[str, Path]) -> None:
+    root, digests = layout
+    ca = peers.TestCA(tmp_path / "named-ca").create(names=(loopback_name,))
+    reg = Registry(tmp_path / "named-tls", tls=ca).start()
+    try:
+        reg.push_layout(root, "app", "demo/app:v1")
+        proxy_url, log = tinyproxy
+        host = f"{loopback_name}:{reg.port}"
+        store = RegistryStore(hosts={host: HostOptions(ca_file=ca.ca_cert)},
+                              proxies=ProxyConfig.from_env({"HTTPS_PROXY": proxy_url}))
         try:
-            assert str((await bypass.get_manifest(ref)).digest) == digests["app"]
+            manifest = await store.get_manifest(Reference.parse(f"{host}/demo/app:v1"))
+            assert str(manifest.digest) == digests["app"]
         finally:
-            await bypass.close()
-        await asyncio.sleep(0.2)
-        assert log.read_text().count("/v2/demo/app/manifests/v1") == before
+            await store.close()
+        await asyncio.sleep(0.1)
+        assert f"CONNECT {host}" in log.read_text()
     finally:
-        os.killpg(tinyproxy.pid, 15)
-        tinyproxy.wait(5)
+        reg.stop()
