@@ -179,6 +179,8 @@ class _TarIndex:
     entries: dict[str, _Entry]
     #: Names of members that were skipped because their paths are unsafe.
     unsafe: list[str]
+    #: Names that more than one member carries (the last one wins, as in tar).
+    duplicates: list[str] = field(default_factory=list)
 
     def resolve(self, name: str, what: str) -> _Member:
         """The regular member `name` stands for, following links inside the archive."""
@@ -230,6 +232,7 @@ def _walk(path: Path) -> _TarIndex:
             raise StoreError(f"{path} is not a tar archive ({exc})", hint=hint) from None
         entries: dict[str, _Entry] = {}
         unsafe: list[str] = []
+        duplicates: list[str] = []
         count = 0
         last = "(none)"
         try:
@@ -253,6 +256,8 @@ def _walk(path: Path) -> _TarIndex:
                 if name is None:
                     unsafe.append(info.name)
                     continue
+                if name in entries and not info.isdir():
+                    duplicates.append(name)
                 if info.isreg() and not info.issparse():
                     entries[name] = _Entry("file", info.offset_data, info.size)
                 elif info.issym():
@@ -275,7 +280,7 @@ def _walk(path: Path) -> _TarIndex:
                    else f"the data at byte {tar.offset} is not a tar header")
             raise StoreError(f"{path} is truncated or damaged after member {last!r}: {why}",
                              hint=_DAMAGED)
-        return _TarIndex(path, file_size, entries, unsafe)
+        return _TarIndex(path, file_size, entries, unsafe, duplicates)
 
 
 def _pread_exact(path: Path, offset: int, size: int) -> bytes:
@@ -838,6 +843,21 @@ class ArchiveStore:
 
     # ---- other members (a bundle's gapkit/ folder) -------------------------------------
 
+    def structural_problems(self) -> list[str]:
+        """What an image tool never writes: unsafe paths, links, members written twice.
+
+        Such members are never used to serve content, but a gapkit bundle has none of them,
+        so bundle commands refuse an archive that has any.
+        """
+        assert self._tar is not None, "only for archives opened for reading"
+        tar = self._tar
+        problems = [f"member {name!r} has an unsafe path (absolute or with '..')"
+                    for name in tar.unsafe]
+        problems += [f"member {name!r} is a {entry.kind} to {entry.link!r}"
+                     for name, entry in sorted(tar.entries.items()) if entry.kind != "file"]
+        problems += [f"member {name!r} appears more than once" for name in tar.duplicates]
+        return problems
+
     def member_names(self) -> list[str]:
         """Names of the archive's regular members (and links), as normalised paths."""
         if self._writer is not None:
@@ -871,6 +891,13 @@ class ArchiveStore:
                 yield chunk
         finally:
             os.close(fd)
+
+    def member_location(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, offset, size) of member `name`'s bytes, for hashing or sendfile; reading only."""
+        if self._writer is not None:
+            return None
+        member = self._extra_member(name)
+        return None if member is None else (self._data_path, member.offset, member.size)
 
     def _extra_member(self, name: str) -> _Member | None:
         self._check_open()
