@@ -572,6 +572,8 @@ class RegistryStore:
         digest = descriptor.digest
         what = f"blob {digest} of {repository}"
         position = offset
+        if offset and offset >= descriptor.size:
+            return  # nothing left to send (a Range from the end would be refused with 416)
         notes: list[str] = []
         endpoints = self._read_endpoints(repository.registry)
         for index, ep in enumerate(endpoints):
@@ -583,7 +585,7 @@ class RegistryStore:
                 try:
                     resp = await self._call(ep, "GET", url, scopes=(_scope(repository),),
                                             what=what, headers=headers, follow_redirects=True,
-                                            accept=frozenset({404, 416}))
+                                            accept=frozenset({404}))
                 except (UsageError, DigestMismatch):
                     raise
                 except GapkitError as exc:
@@ -591,7 +593,7 @@ class RegistryStore:
                         raise _with_notes(exc, notes) from exc
                     notes.append(f"{ep.mirror_url}: {exc.message}")
                     break
-                if resp.status in (404, 416):
+                if resp.status == 404:
                     resp.release()
                     if last:
                         miss = NotFound(f"{what} was not found in registry {ep.registry}",

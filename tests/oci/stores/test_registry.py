@@ -164,6 +164,8 @@ async def test_pulls_manifests_by_tag_and_by_digest_with_exact_bytes(
         tail = await read_all(store.open_blob(Repository.parse(f"{registry.host}/demo/app"),
                                               layer, offset=1000))
         assert tail == blob_bytes(root, layer.digest)[1000:]
+        assert await read_all(store.open_blob(Repository.parse(f"{registry.host}/demo/app"),
+                                              layer, offset=layer.size)) == b""
     finally:
         await store.close()
 
