@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from yarl import URL
 
 from gapkit.errors import AuthError, DigestMismatch, NotFound, RegistryError, UsageError
 from gapkit.oci.auth import CredentialSource, DockerConfig
@@ -727,7 +728,6 @@ def test_no_proxy_follows_go_rules() -> None:
         "[2001:db8::1]:443"))
 
     def via(url: str) -> str | None:
-        from yarl import URL
         return config.proxy_for(URL(url))
 
     assert via("https://quay.io/v2/") == "http://proxy:3128"
@@ -745,7 +745,7 @@ def test_no_proxy_follows_go_rules() -> None:
     assert via("http://127.0.0.1:5000/v2/") is None  # loopback never goes through a proxy
     assert via("http://localhost:5000/v2/") is None
     assert ProxyConfig(https="http://p:1", no_proxy=("*",)).proxy_for(
-        __import__("yarl").URL("https://x.io/")) is None
+        URL("https://x.io/")) is None
     env = ProxyConfig.from_env({"https_proxy": "http://p:1", "NO_PROXY": "a.io, b.io"})
     assert env.https == "http://p:1" and env.no_proxy == ("a.io", "b.io")
 
