@@ -65,3 +65,7 @@ class AuthError(RegistryError):
 
 class StoreError(GapkitError):
     """A local store (layout folder, archive) is damaged or cannot be written."""
+
+
+class SnapError(GapkitError):
+    """A snap or its assertion is missing, malformed, or does not match the other."""
