@@ -69,3 +69,7 @@ class StoreError(GapkitError):
 
 class SnapError(GapkitError):
     """A snap or its assertion is missing, malformed, or does not match the other."""
+
+
+class BundleError(GapkitError):
+    """A bundle is damaged, incomplete or not a gapkit bundle."""
