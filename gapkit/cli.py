@@ -10,13 +10,19 @@ import asyncio
 import json
 import sys
 import traceback
+from pathlib import Path
 from typing import Annotated
 
 import click
 import typer
+from rich import box
+from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
 from gapkit import __version__, ui
+from gapkit.catalog import ImageList, Release, releases, resolve_images
 from gapkit.errors import GapkitError
 from gapkit.oci.copy import DEFAULT_JOBS, CopyReport
 from gapkit.oci.model import Platform
@@ -95,6 +101,81 @@ def _render_copy(report: CopyReport, as_json: bool) -> None:
         f"({ui.human_bytes(report.bytes_copied)}), {report.blobs_present} already there"
         + (f", {report.blobs_mounted} mounted" if report.blobs_mounted else ""),
         highlight=False)
+
+
+images_app = typer.Typer(name="images", no_args_is_help=True,
+                         help="Work out which images a MicroK8s cluster and its workloads need.")
+app.add_typer(images_app, name="images")
+
+
+@images_app.command("list")
+def images_list_command(
+    microk8s: Annotated[str | None, typer.Option(
+        "--microk8s", metavar="RELEASE",
+        help="MicroK8s release or channel (1.32, 1.32-strict/stable, latest): its core images.")] = None,
+    addons: Annotated[list[str], typer.Option(
+        "--addons", metavar="ADDON,...", help="Addons to enable (comma-separated, repeatable).")] = [],  # noqa: B006
+    manifests: Annotated[list[Path], typer.Option(
+        "--manifests", metavar="PATH",
+        help="Kubernetes YAML/JSON file, folder (walked) or Helm chart (repeatable).")] = [],  # noqa: B006
+    image: Annotated[list[str], typer.Option(
+        "--image", metavar="REF", help="An image to add (repeatable).")] = [],  # noqa: B006
+    images_from: Annotated[list[Path], typer.Option(
+        "--images-from", metavar="FILE", help="A file of images, one a line, # comments.")] = [],  # noqa: B006
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the references.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
+) -> None:
+    """List every image the cluster needs, normalised and de-duplicated, with where each came from."""
+    result = resolve_images(microk8s, addons, manifests, image, images_from)
+    _render_image_list(result, as_json, quiet)
+
+
+def _render_image_list(result: ImageList, as_json: bool, quiet: bool) -> None:
+    for warning in result.warnings:
+        ui.stderr.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    if as_json:
+        ui.stdout.print_json(json.dumps(result.to_json()))
+        return
+    if quiet:
+        for ref in result.references:
+            ui.stdout.print(str(ref), markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table("IMAGE", "SOURCES", box=box.SIMPLE_HEAD, show_edge=False)
+    for entry in result:
+        table.add_row(Text(str(entry.reference), overflow="fold"), Text("\n".join(entry.sources)))
+    _wide_stdout().print(table)
+    for note in result.notes:
+        ui.stderr.print(f"[bold]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    base = (f"; MicroK8s {result.release.name} needs the {result.release.snap_base} base snap"
+            if result.release else "")
+    ui.stderr.print(f"{len(result)} image(s) from {', '.join(result.registries) or 'no registry'}{base}",
+                    highlight=False, markup=False, soft_wrap=True)
+
+
+@images_app.command("releases")
+def images_releases_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the releases as JSON.")] = False,
+) -> None:
+    """List the MicroK8s releases the catalog knows, with their base snap and core images."""
+    _render_releases(releases(), as_json)
+
+
+def _render_releases(known: tuple[Release, ...], as_json: bool) -> None:
+    if as_json:
+        ui.stdout.print_json(json.dumps([r.to_json() for r in known]))
+        return
+    table = Table("RELEASE", "BASE", "CONFINEMENT", "CORE IMAGES", "ADDONS", box=box.SIMPLE_HEAD,
+                  show_edge=False)
+    for r in known:
+        name = r.name + (f" ({', '.join(r.aliases)})" if r.aliases else "")
+        core = "\n".join(str(i.reference) for i in r.core_images())
+        table.add_row(escape(name), r.snap_base, r.confinement, escape(core), ", ".join(r.addons()))
+    _wide_stdout().print(table)
+
+
+def _wide_stdout() -> Console:
+    """Stdout for tables: a terminal wraps them to its width; a pipe or file gets them unfolded."""
+    return ui.stdout if ui.stdout.is_terminal else Console(file=ui.stdout.file, width=400)
 
 
 def main(argv: list[str] | None = None) -> None:
