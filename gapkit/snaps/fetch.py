@@ -46,12 +46,14 @@ from gapkit.snaps.channel import (
     snap_architecture,
 )
 from gapkit.snaps.verify import (
+    DOWNLOAD_HINT_START,
     Digests,
     SnapInfo,
     check_digests,
     check_name,
     check_size,
     digest_stream,
+    download_hint,
     snap_info,
     store_verified,
 )
@@ -127,6 +129,8 @@ def fetch_snaps(
     warn = on_warning or log.warning
     microk8s_channel = str(parse_channel(channel))
     check_snap_name(base, "base snap")
+    if base in ("microk8s", "snapd"):
+        raise UsageError(f"{base!r} is not a base snap", hint="MicroK8s uses core18, core20 or core22")
     arch = snap_architecture(architecture) if architecture else None
     wanted: list[tuple[Role, str, str]] = []
     if include_snapd:
@@ -145,14 +149,26 @@ def fetch_snaps(
                 "`snap` is not installed here, so the snaps cannot be downloaded",
                 hint="install snapd, or on a connected machine run " + _commands(wanted)
                      + " and pass the folder with --snaps-from")
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SnapError(f"cannot make the snaps folder {dest}: {exc.strerror}") from exc
     fetched: list[FetchedSnap] = []
     for role, name, snap_channel in wanted:
-        if snap is None:
-            assert snaps_from is not None
-            got = _from_folder(role, name, snap_channel, snaps_from, dest, warn)
-        else:
-            got = _download(snap, role, name, snap_channel, arch, dest, refresh, warn)
+        try:
+            if snap is None:
+                assert snaps_from is not None
+                got = _from_folder(role, name, snap_channel, snaps_from, dest, warn)
+            else:
+                got = _download(snap, role, name, snap_channel, arch, dest, refresh, warn)
+        except SnapError as exc:
+            if exc.hint and exc.hint.startswith(DOWNLOAD_HINT_START):  # say which channel
+                exc.hint = download_hint(name, None if snap_channel == STABLE else snap_channel)
+            raise
+        except OSError as exc:
+            where = exc.filename or dest
+            raise SnapError(f"cannot store the {name} snap: {where}: {exc.strerror}",
+                            hint=f"check that {dest} is writable and has room") from exc
         if got is not None:
             fetched.append(got)
     return fetched
@@ -224,9 +240,9 @@ def _from_folder(role: Role, name: str, channel: str, folder: Path, dest: Path,
     found = find_snap(folder, name, channel, warn)
     if found is None:
         if role == "snapd":
-            warn(f"no snapd snap in {folder}: the bundle will not carry snapd, so each node's "
-                 "own snapd must be new enough for the base snap (add it with "
-                 f"`{_download_command('snapd', STABLE)}`)")
+            warn(f"no snapd snap in {folder}, so snapd is not carried: each node's own snapd "
+                 "must be new enough for the base snap (core20 and core22 can need a newer one "
+                 f"than the distribution ships; add it with `{_download_command('snapd', STABLE)}`)")
             return None
         raise SnapError(
             f"no {name} snap in {folder} (looked for {name}_<revision>.snap or {name}.snap, "

@@ -155,10 +155,13 @@ def check_digests(assertions: SnapAssertions, digests: Digests, snap: Path | str
             hint=download_hint(assertions.name))
 
 
+DOWNLOAD_HINT_START = "download it again on a connected machine"
+
+
 def download_hint(name: str, channel: str | None = None) -> str:
     flag = f" --channel={channel}" if channel else ""
-    return (f"download it again on a connected machine (`snap download {name}{flag}`) and keep "
-            "the .snap and the .assert of that one download together")
+    return (f"{DOWNLOAD_HINT_START} (`snap download {name}{flag}`) and keep the .snap and the "
+            ".assert of that one download together")
 
 
 _REVISION_SUFFIX = re.compile(r"_[0-9]+$")
