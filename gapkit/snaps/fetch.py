@@ -125,6 +125,13 @@ def fetch_snaps(
     architecture than the host's. A bad channel, base or architecture is a `UsageError`; a
     missing, damaged or mismatched snap is a `SnapError`. Without `snaps_from` a missing snapd
     snap is an error like any other; with it, snapd is skipped with a warning.
+
+    A snap already stored intact in `dest` is kept (`action="kept"`, nothing rewritten): from a
+    folder when the folder's assertion names the same content; from `snap download` when it was
+    downloaded for the same channel and architecture, unless `refresh` asks the store again.
+    `on_warning` receives what the caller should show (several revisions found and which one
+    was used, snapd missing from the folder, a damaged stored snap replaced); by default these
+    are logged. `architecture` does not apply to `snaps_from`: an assertion does not name one.
     """
     warn = on_warning or log.warning
     microk8s_channel = str(parse_channel(channel))
