@@ -112,7 +112,10 @@ def discover(paths: Sequence[Path | str], *, helm: str | None = None) -> Discove
         if is_chart(path):
             found.extend(render_chart(path, helm=helm))
         elif path.is_dir():
-            for entry in _walk(path, set()):
+            entries = list(_walk(path, set()))
+            if not entries:
+                found.warnings.append(Problem(f"{path}: no .yaml, .yml or .json file or Helm chart in it"))
+            for entry in entries:
                 found.extend(render_chart(entry, helm=helm) if is_chart(entry) else scan_file(entry))
         elif path.is_file():
             found.extend(scan_file(path))
@@ -225,7 +228,9 @@ def _scan_object(obj: Mapping[str, Any], where: str, found: Discovery, chart: bo
     kind = str(obj["kind"])
     if kind == "List" or (kind.endswith("List") and isinstance(obj.get("items"), list)):
         for index, item in enumerate(obj.get("items") or []):
-            if _is_object(item):
+            if isinstance(item, Mapping) and "kind" not in item and kind != "List":
+                item = {**item, "kind": kind[: -len("List")]}  # a typed list (DeploymentList) may omit it
+            if isinstance(item, Mapping) and isinstance(item.get("kind"), str):
                 _scan_object(item, f"{where} items[{index}]", found, chart)
         return
     metadata = obj.get("metadata")

@@ -119,6 +119,9 @@ def resolve_images(
     line. Unknown releases and addons raise `UsageError` listing the known ones; every bad image
     string, bad line or unrenderable chart is collected into one `ImageListError`.
     """
+    if microk8s is None and not (addons or manifests or images or images_from):
+        raise UsageError("no images asked for", hint="give a MicroK8s release (--microk8s 1.32), "
+                                                     "--manifests, --image or --images-from")
     sources: dict[Reference, list[str]] = {}
     problems: list[Problem] = []
     warnings: list[str] = []

@@ -230,6 +230,21 @@ def test_a_kind_gapkit_does_not_know_is_read_where_a_pod_template_lives(tmp_path
     assert found.warnings == [] and found.errors == []
 
 
+def test_a_typed_list_without_item_kinds_is_read_as_its_kind(tmp_path: Path) -> None:
+    path = tmp_path / "deployments.json"
+    path.write_text(json.dumps({"apiVersion": "apps/v1", "kind": "DeploymentList", "items": [
+        {"metadata": {"name": "api"},
+         "spec": {"template": {"spec": {"containers": [{"name": "api", "image": "ghcr.io/x/api:1"}]}}}}]}))
+    assert [f.location for f in discover([path]).images] == [
+        f"{path}#1 items[0] Deployment/api container api"]
+
+
+def test_a_folder_with_nothing_to_read_is_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello\n")
+    assert [str(w) for w in discover([tmp_path]).warnings] == [
+        f"{tmp_path}: no .yaml, .yml or .json file or Helm chart in it"]
+
+
 def test_a_path_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
     found = discover([tmp_path / "nowhere"])
     assert [e.message for e in found.errors] == [f"{tmp_path / 'nowhere'}: no such file or folder"]

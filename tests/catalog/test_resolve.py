@@ -67,6 +67,11 @@ def test_without_a_release_only_the_images_named_are_listed() -> None:
     assert result.release is None and result.snap_base is None and result.registries == ("docker.io",)
 
 
+def test_asking_for_nothing_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="no images asked for"):
+        resolve_images()
+
+
 def test_addons_without_a_release_are_a_usage_error() -> None:
     with pytest.raises(UsageError, match="addons were named without a MicroK8s release"):
         resolve_images(None, addons=["dns"])
