@@ -177,7 +177,8 @@ class Release:
                 hint=f"addons known for {self.name}: {known}; name that addon's images with --image or "
                      "--images-from, or pass its rendered manifests with --manifests")
         raise UnknownAddon(f"unknown MicroK8s addon {name!r}",
-                           hint=f"addons known for {self.name}: {known}")
+                           hint=f"addons known for {self.name}: {known}; for any other addon (community/…), "
+                                "name its images with --image or --images-from")
 
     def addon_requires(self, name: str) -> tuple[str, ...]:
         """Addons that enabling `name` enables too (`registry` → `hostpath-storage`)."""
