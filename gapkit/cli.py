@@ -22,6 +22,11 @@ from rich.table import Table
 from rich.text import Text
 
 from gapkit import __version__, ui
+from gapkit.bundle.create import create_bundle
+from gapkit.bundle.export import archive_format_of, export_images
+from gapkit.bundle.inspect import inspect_bundle
+from gapkit.bundle.spec import bundle_flags, load_spec
+from gapkit.bundle.verify import verify_bundle
 from gapkit.catalog import ImageList, Release, releases, resolve_images
 from gapkit.errors import GapkitError
 from gapkit.oci.copy import DEFAULT_JOBS, CopyReport
@@ -178,10 +183,99 @@ def _wide_stdout() -> Console:
     return ui.stdout if ui.stdout.is_terminal else Console(file=ui.stdout.file, width=400)
 
 
+bundle_app = typer.Typer(name="bundle", no_args_is_help=True,
+                         help="Build, check and look into bundles: one file for the whole gap.")
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("create")
+def bundle_create_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The bundle file to write.")],
+    spec_file: Annotated[Path | None, typer.Option("--file", "-f", help="A gapkit.yaml spec.")] = None,
+    microk8s: Annotated[str | None, typer.Option(help="MicroK8s release, e.g. 1.32.")] = None,
+    channel: Annotated[str | None, typer.Option(help="Snap channel (default RELEASE/stable).")] = None,
+    addons: Annotated[str | None, typer.Option(help="Comma-separated addons, e.g. dns,ingress.")] = None,
+    image: Annotated[list[str], typer.Option("--image", metavar="REF")] = [],  # noqa: B006
+    images_from: Annotated[list[Path], typer.Option("--images-from", metavar="FILE")] = [],  # noqa: B006
+    manifests: Annotated[list[Path], typer.Option("--manifests", metavar="DIR")] = [],  # noqa: B006
+    platform: Annotated[list[str], typer.Option("--platform", metavar="OS/ARCH")] = [],  # noqa: B006
+    no_snaps: Annotated[bool, typer.Option("--no-snaps", help="Images only.")] = False,
+    snaps_from: Annotated[Path | None, typer.Option(help="Take snaps from this folder.")] = None,
+    no_snapd: Annotated[bool, typer.Option("--no-snapd", help="Leave the snapd snap out.")] = False,
+    plain_http: PlainHttp = [],  # noqa: B006
+    ca: Ca = [],  # noqa: B006
+    creds: Creds = [],  # noqa: B006
+    mirror: Mirror = [],  # noqa: B006
+    insecure: Insecure = [],  # noqa: B006
+    cache: Annotated[Path | None, typer.Option(help="Cache folder (default ~/.cache/gapkit).")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64)] = DEFAULT_JOBS,
+    as_json: Annotated[bool, typer.Option("--json", help="Print bundle.json and fetch counts.")] = False,
+) -> None:
+    """Build one bundle: MicroK8s snaps and every image the cluster and its workloads need."""
+    overrides = bundle_flags(
+        microk8s=microk8s, channel=channel, addons=addons, images=image, images_from=images_from,
+        manifests=manifests, platforms=platform, no_snaps=no_snaps, snaps_from=snaps_from,
+        no_snapd=no_snapd, plain_http=plain_http, ca=ca, creds=creds, mirrors=mirror,
+        insecure=insecure)
+    spec = load_spec(spec_file, overrides)
+    with ui.copy_progress(None if not as_json else False) as on_event:
+        report = asyncio.run(create_bundle(spec, output, cache, jobs, on_event, ui.warning))
+    if as_json:
+        ui.stdout.print_json(json.dumps(report.to_json()))
+    else:
+        ui.render_bundle_created(report)
+
+
+@bundle_app.command("verify")
+def bundle_verify_command(
+    bundle: Annotated[Path, typer.Argument(help="The bundle to check.")],
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Hashing threads.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check every blob, image, snap and bundle.json; list every problem (exit 1 if any)."""
+    report = asyncio.run(verify_bundle(bundle, jobs))
+    if as_json:
+        ui.stdout.print_json(json.dumps(report.to_json()))
+    else:
+        ui.render_verify(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@bundle_app.command("inspect")
+def bundle_inspect_command(
+    bundle: Annotated[Path, typer.Argument(help="The bundle to look into.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show the MicroK8s release, snaps, images, registries and sizes of a bundle."""
+    summary = asyncio.run(inspect_bundle(bundle))
+    if as_json:
+        ui.stdout.print_json(json.dumps(summary.to_json()))
+    else:
+        ui.render_bundle_summary(summary)
+
+
+@images_app.command("export")
+def images_export_command(
+    bundle: Annotated[Path, typer.Argument(help="The bundle to take images from.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The tar to write.")],
+    platform: Annotated[list[str], typer.Option("--platform", metavar="OS/ARCH")] = [],  # noqa: B006
+    archive_format: Annotated[str, typer.Option(
+        "--format", help="oci (microk8s/ctr import, Docker 25+) or docker (docker load).")] = "oci",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Write an images-only tar that `microk8s images import` and `ctr image import` take."""
+    platforms = [Platform.parse(p) for p in platform]
+    with ui.copy_progress(None if not as_json else False) as on_event:
+        report = asyncio.run(export_images(bundle, output, platforms or None,
+                                           archive_format_of(archive_format), on_event=on_event))
+    _render_copy(report, as_json)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into messages and exit codes."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except GapkitError as exc:
         ui.error(exc.message, exc.hint)
         sys.exit(exc.exit_code)
@@ -200,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
             ui.error(f"internal error: {type(exc).__name__}: {exc}",
                      "this is a bug in gapkit; run again with --debug and report the traceback")
         sys.exit(70)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

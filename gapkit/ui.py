@@ -16,11 +16,15 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.table import Table
 
+from gapkit.bundle.create import CreateReport
+from gapkit.bundle.inspect import BundleSummary
+from gapkit.bundle.verify import VerifyReport
 from gapkit.oci.copy import BlobFinished, BlobProgress, BlobStarted, CopyEvent, EventHandler, ImageCopied
 
-stderr = Console(stderr=True)
-stdout = Console()
+stderr = Console(stderr=True, soft_wrap=True)
+stdout = Console(soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -67,3 +71,58 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+def warning(message: str) -> None:
+    stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def render_bundle_created(report: CreateReport) -> None:
+    manifest = report.manifest
+    stdout.print(f"wrote {report.output}", highlight=False)
+    if manifest.microk8s:
+        stdout.print(f"  MicroK8s {manifest.microk8s} ({manifest.channel}), base {manifest.snap_base}",
+                     highlight=False)
+    for snap in manifest.snaps:
+        stdout.print(f"  snap {snap.name} revision {snap.revision} ({human_bytes(snap.size)})",
+                     highlight=False)
+    stdout.print(f"  {len(manifest.images)} image(s), {human_bytes(manifest.blob_bytes)} of blobs "
+                 f"({human_bytes(manifest.shared_bytes_saved)} saved by sharing); "
+                 f"{report.fetched.blobs_copied} blob(s) fetched, "
+                 f"{report.fetched.blobs_present} already in the cache", highlight=False)
+
+
+def render_verify(report: VerifyReport) -> None:
+    if report.ok:
+        rate = report.blob_bytes / report.seconds / 1e6 if report.seconds else 0.0
+        stdout.print(f"{report.path}: OK — {report.images} image(s), {report.blobs} blob(s) "
+                     f"({human_bytes(report.blob_bytes)}), {report.snaps} snap(s) checked in "
+                     f"{report.seconds:.2f} s ({rate:.0f} MB/s)", highlight=False)
+        return
+    stderr.print(f"[bold red]{escape(str(report.path))}: {len(report.problems)} problem(s)[/]",
+                 highlight=False)
+    for problem in report.problems:
+        stderr.print(f"  {escape(str(problem))}", highlight=False, soft_wrap=True)
+
+
+def render_bundle_summary(summary: BundleSummary) -> None:
+    manifest = summary.manifest
+    stdout.print(f"bundle {summary.path} ({human_bytes(summary.file_size)}), made by "
+                 f"{manifest.tool} on {manifest.created}", highlight=False)
+    if manifest.microk8s:
+        stdout.print(f"MicroK8s {manifest.microk8s}, channel {manifest.channel}, "
+                     f"base {manifest.snap_base}", highlight=False)
+    stdout.print(f"platforms: {', '.join(manifest.platforms)}", highlight=False)
+    stdout.print(f"registries: {', '.join(summary.registries) or '-'}", highlight=False)
+    if manifest.snaps:
+        snaps = Table("snap", "revision", "size", "sha256", box=None)
+        for snap in manifest.snaps:
+            snaps.add_row(snap.name, snap.revision, human_bytes(snap.size), snap.sha256[:16])
+        stdout.print(snaps)
+    images = Table("image", "digest", "platforms", "size", box=None)
+    for image in manifest.images:
+        images.add_row(escape(image.reference), image.digest[:19], ", ".join(image.platforms) or "-",
+                       human_bytes(image.size))
+    stdout.print(images)
+    stdout.print(f"{len(manifest.images)} image(s), {human_bytes(manifest.blob_bytes)} of blobs, "
+                 f"{human_bytes(manifest.shared_bytes_saved)} saved by sharing", highlight=False)

@@ -9,6 +9,7 @@ import pytest
 
 from tests.support.containerd import Containerd
 from tests.support.peers import Registry, TestCA
+from tests.support.upstreams import Upstreams
 
 
 @pytest.fixture
@@ -64,3 +65,13 @@ def containerd(tmp_path: Path) -> Iterator[Containerd]:
         yield daemon.start()
     finally:
         daemon.stop()
+
+
+@pytest.fixture
+def upstreams(tmp_path: Path) -> Iterator[Upstreams]:
+    """Real registries standing in for docker.io, registry.k8s.io, quay.io (use as mirrors)."""
+    stand_ins = Upstreams(tmp_path / "upstreams")
+    try:
+        yield stand_ins
+    finally:
+        stand_ins.stop()

@@ -10,9 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from gapkit.bundle.reader import open_bundle
+from gapkit.errors import BundleError, NotFound, UsageError
 from gapkit.oci.copy import DEFAULT_JOBS, CopyReport, CopyRequest, EventHandler, copy
 from gapkit.oci.model import Platform
 from gapkit.oci.stores.archive import ArchiveFormat, ArchiveStore
+
+
+def archive_format_of(text: str) -> ArchiveFormat:
+    if text == "oci":
+        return "oci"
+    if text == "docker":
+        return "docker"
+    raise UsageError(f"--format {text!r}: write --format oci or --format docker")
 
 
 async def export_images(
@@ -36,7 +45,12 @@ async def export_images(
         requests = [CopyRequest(ref.with_digest(None), ref.with_digest(None))
                     for ref in await bundle.store.images()]
         platform = chosen[0] if format == "docker" and len(chosen) == 1 else None
-        async with ArchiveStore.create(output, format=format, platform=platform) as destination:
-            return await copy(bundle.store, destination, requests, chosen, jobs, on_event)
+        try:
+            async with ArchiveStore.create(output, format=format, platform=platform) as destination:
+                return await copy(bundle.store, destination, requests, chosen, jobs, on_event)
+        except NotFound as exc:
+            raise BundleError(f"{bundle_path} is incomplete: {exc.message}",
+                              hint=f"run `gapkit bundle verify {bundle_path}`, then build the "
+                              "bundle again (or export only the platforms it holds)") from None
     finally:
         await bundle.close()

@@ -39,6 +39,7 @@ class BundleSnap(_Model):
     channel: str = ""
     size: int
     sha256: str
+    #: As the snap-revision assertion writes it: base64url, no padding.
     sha3_384: str
 
 

@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from gapkit.errors import GapkitError, UsageError
 from gapkit.oci.model import Platform
 from gapkit.oci.reference import Reference
 from gapkit.oci.transports import RegistrySettings, registry_settings_from_flags
+from gapkit.yamlfile import load_model
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -166,3 +168,86 @@ class BundleSpec(_Strict):
             )
         if self.channel and not self.microk8s:
             raise UsageError("--channel needs --microk8s (the release whose snap to carry)")
+
+
+def load_spec(path: Path | None, overrides: dict[str, Any]) -> BundleSpec:
+    """The spec from file `path` (if any) with the flags in `overrides` on top.
+
+    `overrides` holds only the flags that were given, with the spec's key names
+    (`microk8s`, `images`, `snaps: {enabled: False}`, `registries: {...}`, ...).
+    """
+    base = load_model(path, BundleSpec) if path is not None else BundleSpec()
+    if not overrides:
+        return base
+    try:
+        flags = BundleSpec.model_validate(overrides, context={"base": Path.cwd()})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"--{where.replace('_', '-')}: {first['msg'].removeprefix('Value error, ')}") \
+            from None
+    return base.merged(flags)
+
+
+def bundle_flags(
+    microk8s: str | None = None,
+    channel: str | None = None,
+    addons: str | None = None,
+    images: Sequence[str] = (),
+    images_from: Sequence[Path] = (),
+    manifests: Sequence[Path] = (),
+    platforms: Sequence[str] = (),
+    no_snaps: bool = False,
+    snaps_from: Path | None = None,
+    no_snapd: bool = False,
+    plain_http: Sequence[str] = (),
+    ca: Sequence[str] = (),
+    creds: Sequence[str] = (),
+    mirrors: Sequence[str] = (),
+    insecure: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The `bundle create` flags that were given, as spec keys (see `load_spec`)."""
+    out: dict[str, Any] = {}
+    for key, value in (("microk8s", microk8s), ("channel", channel)):
+        if value is not None:
+            out[key] = value
+    if addons:
+        out["addons"] = [a.strip() for a in addons.split(",") if a.strip()]
+    for key, values in (("images", images), ("images_from", images_from),
+                        ("manifests", manifests), ("platforms", platforms)):
+        if values:
+            out[key] = list(values)
+    snaps: dict[str, Any] = {}
+    if no_snaps:
+        snaps["enabled"] = False
+    if snaps_from is not None:
+        snaps["from"] = snaps_from
+    if no_snapd:
+        snaps["snapd"] = False
+    if snaps:
+        out["snaps"] = snaps
+    registries: dict[str, Any] = {}
+    if plain_http:
+        registries["plain_http"] = list(plain_http)
+    if insecure:
+        registries["insecure"] = list(insecure)
+    for key, items in (("ca", ca), ("creds", creds)):
+        pairs = {}
+        for item in items:
+            host, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"--{key} {item!r}: write --{key} REGISTRY=VALUE")
+            pairs[host] = value
+        if pairs:
+            registries[key] = pairs
+    mirror_map: dict[str, list[str]] = {}
+    for item in mirrors:
+        upstream, sep, url = item.partition("=")
+        if not sep:
+            raise UsageError(f"--mirror {item!r}: write --mirror UPSTREAM=URL")
+        mirror_map.setdefault(upstream, []).append(url)
+    if mirror_map:
+        registries["mirrors"] = mirror_map
+    if registries:
+        out["registries"] = registries
+    return out

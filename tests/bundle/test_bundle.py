@@ -1,0 +1,248 @@
+"""Bundles built from real registries standing in for docker.io, registry.k8s.io and quay.io,
+then read by the real programs on the other side of the gap: ctr (namespace k8s.io) and skopeo.
+
+The snaps are synthetic (`tests/support/snaps.py`) and come in through `--snaps-from`: no real
+MicroK8s snap can be downloaded here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gapkit.catalog import resolve_images
+from tests.support.containerd import Containerd
+from tests.support.snaps import make_snap
+from tests.support.upstreams import Upstreams
+
+RELEASE = "1.32"
+
+
+def gapkit(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "gapkit", *args], capture_output=True,
+                            text=True, timeout=300, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"gapkit {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+@dataclass
+class Built:
+    bundle: Path
+    images: list[str]
+    upstreams: Upstreams
+    snaps: Path
+    folder: Path
+
+    def source_flags(self) -> list[str]:
+        flags = self.upstreams.mirror_flags()
+        for registry in self.upstreams.registries.values():
+            flags += ["--plain-http", registry.host]
+        return flags
+
+
+def _snaps(folder: Path) -> Path:
+    for name, revision in (("microk8s", 7394), ("core20", 2015), ("snapd", 21759)):
+        make_snap(folder, name, revision)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
+    folder = tmp_path_factory.mktemp("bundle")
+    upstreams = Upstreams(folder / "upstreams")
+    try:
+        images = [str(i.reference) for i in resolve_images(microk8s=RELEASE, addons=["metallb"])]
+        upstreams.push(images)
+        built = Built(folder / "microk8s.tar", images, upstreams, _snaps(folder / "snaps"), folder)
+        gapkit("bundle", "create", "--microk8s", RELEASE, "--addons", "metallb",
+               "--snaps-from", str(built.snaps), "--cache", str(folder / "cache"),
+               "-o", str(built.bundle), *built.source_flags())
+        yield built
+    finally:
+        upstreams.stop()
+
+
+def test_the_bundle_needs_three_upstreams_and_holds_pause_calico_and_coredns(built: Built) -> None:
+    assert set(built.upstreams.registries) == {"docker.io", "registry.k8s.io", "quay.io"}
+    names = set(built.images)
+    assert "registry.k8s.io/pause:3.10" in names
+    assert {f"docker.io/calico/{c}:v3.28.1" for c in ("cni", "node", "kube-controllers")} <= names
+    assert any(n.startswith("docker.io/coredns/coredns:") for n in names)
+
+
+def test_ctr_imports_the_bundle_itself_and_lists_every_image_by_full_name(
+        built: Built, containerd: Containerd) -> None:
+    containerd.ctr("image", "import", "--platform", "linux/amd64", str(built.bundle))
+    assert containerd.image_names() == sorted(built.images)
+    listed = containerd.ctr("image", "ls").stdout
+    for name in built.images:
+        assert built.upstreams.pushed[name] in listed
+
+
+def test_skopeo_reads_the_bundle(built: Built) -> None:
+    for name in built.images:
+        out = subprocess.run(["skopeo", "inspect", "--raw", f"oci-archive:{built.bundle}:{name}"],
+                             capture_output=True, check=True)
+        assert "sha256:" + hashlib.sha256(out.stdout).hexdigest() == built.upstreams.pushed[name]
+
+
+def test_verify_passes_and_inspect_tells_release_snaps_and_registries(built: Built) -> None:
+    verified = json.loads(gapkit("bundle", "verify", "--json", str(built.bundle)).stdout)
+    assert verified["ok"] is True
+    assert verified["images"] == len(built.images)
+    assert verified["snaps"] == 3
+    summary = json.loads(gapkit("bundle", "inspect", "--json", str(built.bundle)).stdout)
+    assert summary["microk8s"] == RELEASE
+    assert summary["snap_base"] == "core20"
+    assert summary["registries"] == ["docker.io", "quay.io", "registry.k8s.io"]
+    assert [s["name"] for s in summary["snaps"]] == ["snapd", "core20", "microk8s"]
+    assert {i["reference"] for i in summary["images"]} == set(built.images)
+    assert summary["shared_bytes_saved"] > 0
+    sources = {i["reference"]: i["sources"] for i in summary["images"]}
+    speakers = [ref for ref in sources if ref.startswith("quay.io/metallb/speaker:")]
+    assert speakers and any("metallb" in s for s in sources[speakers[0]])
+
+
+def test_exported_images_tar_imports_into_ctr_and_carries_no_snaps(
+        built: Built, containerd: Containerd) -> None:
+    exported = built.folder / "images.tar"
+    gapkit("images", "export", str(built.bundle), "-o", str(exported))
+    with tarfile.open(exported) as tar:
+        names = tar.getnames()
+    assert not [n for n in names if n.startswith("gapkit/")]
+    containerd.ctr("image", "import", "--platform", "linux/amd64", str(exported))
+    assert containerd.image_names() == sorted(built.images)
+    assert exported.stat().st_size < built.bundle.stat().st_size
+
+
+def _rewrite(source: Path, target: Path, *, drop: str | None = None,
+             extra: Sequence[tuple[tarfile.TarInfo, bytes]] = ()) -> None:
+    with tarfile.open(source) as src, tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as dst:
+        for member in src.getmembers():
+            if member.name == drop:
+                continue
+            data = src.extractfile(member) if member.isfile() else None
+            dst.addfile(member, data)
+        for info, payload in extra:
+            dst.addfile(info, io.BytesIO(payload) if payload else None)
+
+
+def _member(name: str, payload: bytes = b"x", kind: bytes = tarfile.REGTYPE,
+            link: str = "") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = len(payload) if kind == tarfile.REGTYPE else 0
+    info.linkname = link
+    return info, payload if kind == tarfile.REGTYPE else b""
+
+
+def _a_layer(bundle: Path) -> tuple[str, int, int]:
+    with tarfile.open(bundle) as tar:
+        biggest = max((m for m in tar.getmembers() if m.name.startswith("blobs/")),
+                      key=lambda m: m.size)
+        return biggest.name, biggest.offset_data, biggest.size
+
+
+def _damage(kind: str, bundle: Path, target: Path) -> str:
+    """Write a damaged copy of `bundle`; return what verify must name."""
+    if kind == "truncated":
+        data = bundle.read_bytes()
+        target.write_bytes(data[: len(data) * 2 // 3])
+        return "truncated"
+    if kind == "flipped byte":
+        shutil.copy(bundle, target)
+        name, offset, size = _a_layer(bundle)
+        with open(target, "r+b") as f:
+            f.seek(offset + size // 2)
+            byte = f.read(1)
+            f.seek(offset + size // 2)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        return name.rsplit("/", 1)[1]
+    if kind == "missing blob":
+        name, _, _ = _a_layer(bundle)
+        _rewrite(bundle, target, drop=name)
+        return name.rsplit("/", 1)[1]
+    if kind == "dot-dot member":
+        _rewrite(bundle, target, extra=[_member("../outside")])
+        return "../outside"
+    if kind == "absolute member":
+        _rewrite(bundle, target, extra=[_member("/etc/cron.d/evil")])
+        return "/etc/cron.d/evil"
+    if kind == "link member":
+        _rewrite(bundle, target, extra=[_member("gapkit/link", kind=tarfile.SYMTYPE,
+                                                link="/etc/passwd")])
+        return "gapkit/link"
+    if kind == "duplicate member":
+        _rewrite(bundle, target, extra=[_member("gapkit/bundle.json", b"{}")])
+        return "gapkit/bundle.json"
+    raise AssertionError(kind)
+
+
+DAMAGE = ["truncated", "flipped byte", "missing blob", "dot-dot member", "absolute member",
+          "link member", "duplicate member"]
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_verify_names_each_kind_of_damage_and_other_commands_refuse_it(
+        built: Built, kind: str, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.tar"
+    culprit = _damage(kind, built.bundle, damaged)
+    out = gapkit("bundle", "verify", str(damaged), check=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert culprit in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    commands = [["images", "export", str(damaged), "-o", str(tmp_path / "out.tar")]]
+    if kind not in ("flipped byte", "missing blob"):  # inspect reads no blob content
+        commands.append(["bundle", "inspect", str(damaged)])
+    for command in commands:
+        refused = gapkit(*command, check=False)
+        assert refused.returncode != 0, (command, refused.stdout)
+        assert refused.stderr.startswith("error:"), refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "out.tar").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tar")]
+
+
+def test_an_interrupted_build_restarts_without_fetching_finished_blobs(
+        upstreams: Upstreams, tmp_path: Path) -> None:
+    refs = [f"docker.io/team/app{i}:1" for i in range(4)]
+    upstreams.push(refs, layer_size=8_000_000)
+    cache = tmp_path / "cache"
+    blobs = cache / "oci" / "blobs" / "sha256"
+    args = [sys.executable, "-m", "gapkit", "bundle", "create", "--jobs", "1", "--cache",
+            str(cache), "-o", str(tmp_path / "b.tar"), *[f"--image={r}" for r in refs],
+            *upstreams.mirror_flags(), "--plain-http", upstreams.registries["docker.io"].host]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            big = [p for p in blobs.glob("*") if p.stat().st_size > 1_000_000] \
+                if blobs.exists() else []
+            if len(big) >= 2:
+                break
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    kept = {p.name for p in blobs.glob("*") if not p.name.startswith(".")}
+    assert not (tmp_path / "b.tar").exists()
+    out = gapkit(*args[3:], "--json")
+    fetched = json.loads(out.stdout)["fetched"]
+    assert fetched["blobs_present"] >= len(kept) - 1
+    assert fetched["bytes_copied"] < 4 * 2_100_000 + 8_100_000
+    assert json.loads(gapkit("bundle", "verify", "--json", str(tmp_path / "b.tar")).stdout)["ok"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.tar")]
