@@ -28,12 +28,14 @@ from gapkit.bundle.model import (
     BundleSnap,
 )
 from gapkit.bundle.spec import BundleSpec
-from gapkit.catalog import resolve_images
+from gapkit.catalog import ImageList, resolve_images
 from gapkit.errors import DigestMismatch
 from gapkit.oci.copy import DEFAULT_JOBS, CopyReport, CopyRequest, EventHandler, copy
+from gapkit.oci.model import Platform
+from gapkit.oci.reference import Reference
 from gapkit.oci.stores.archive import ArchiveStore
 from gapkit.oci.stores.layout import LayoutStore
-from gapkit.snaps import fetch_snaps
+from gapkit.snaps import FetchedSnap, fetch_snaps
 
 WarningHandler = Callable[[str], None]
 
@@ -83,7 +85,7 @@ async def create_bundle(
         warn(message)
 
     resolved = resolve_images(
-        microk8s=spec.microk8s, addons=spec.addons, manifests=spec.manifests,
+        microk8s=spec.channel or spec.microk8s, addons=spec.addons, manifests=spec.manifests,
         images=spec.images, images_from=spec.images_from)
     for message in resolved.warnings:
         note(message)
@@ -91,10 +93,9 @@ async def create_bundle(
     requests = [CopyRequest(entry.reference, entry.reference) for entry in resolved.images]
     sources = {entry.reference: entry.sources for entry in resolved.images}
 
-    snaps = []
+    snaps: list[FetchedSnap] = []
     if spec.microk8s and spec.snaps.enabled:
-        channel = spec.effective_channel()
-        assert channel is not None
+        channel = str(resolved.channel) if resolved.channel else f"{spec.microk8s}/stable"
         snaps = await asyncio.to_thread(
             fetch_snaps, channel=channel, base=resolved.snap_base or "",
             dest=cache / "snaps" / channel.replace("/", "_"), snaps_from=spec.snaps.from_,
@@ -105,7 +106,7 @@ async def create_bundle(
     output.parent.mkdir(parents=True, exist_ok=True)
     for attempt in (1, 2):
         try:
-            return await _assemble(spec, resolved.snap_base, output, cache_layout, requests,
+            return await _assemble(spec, resolved, output, cache_layout, requests,
                                    sources, snaps, fetched, platforms, warnings)
         except DigestMismatch as exc:
             if attempt == 2:
@@ -120,7 +121,7 @@ async def create_bundle(
 
 
 async def _fetch(spec: BundleSpec, cache_layout: Path, requests: list[CopyRequest],
-                 platforms: list, jobs: int, on_event: EventHandler | None) -> CopyReport:  # type: ignore[type-arg]
+                 platforms: list[Platform], jobs: int, on_event: EventHandler | None) -> CopyReport:
     source = spec.registries.settings().store()
     destination = LayoutStore(cache_layout, durable=False)
     try:
@@ -130,9 +131,10 @@ async def _fetch(spec: BundleSpec, cache_layout: Path, requests: list[CopyReques
         await source.close()
 
 
-async def _assemble(spec: BundleSpec, snap_base: str | None, output: Path, cache_layout: Path,
-                    requests: list[CopyRequest], sources: dict, snaps: list,  # type: ignore[type-arg]
-                    fetched: CopyReport, platforms: list, warnings: list[str]) -> CreateReport:  # type: ignore[type-arg]
+async def _assemble(spec: BundleSpec, resolved: ImageList, output: Path, cache_layout: Path,
+                    requests: list[CopyRequest], sources: dict[Reference, tuple[str, ...]],
+                    snaps: list[FetchedSnap], fetched: CopyReport, platforms: list[Platform],
+                    warnings: list[str]) -> CreateReport:
     source = LayoutStore(cache_layout, create=False, durable=False)
     async with ArchiveStore.create(output, format="oci") as bundle:
         written = await copy(source, bundle, requests, platforms)
@@ -151,7 +153,9 @@ async def _assemble(spec: BundleSpec, snap_base: str | None, output: Path, cache
         manifest = BundleManifest(
             tool=f"gapkit {__version__}",
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            microk8s=spec.microk8s, channel=spec.effective_channel(), snap_base=snap_base,
+            microk8s=resolved.release.name if resolved.release else None,
+            channel=str(resolved.channel) if resolved.channel else None,
+            snap_base=resolved.snap_base,
             platforms=[str(p) for p in platforms],
             spec=json.loads(spec.model_dump_json(by_alias=True, exclude={"registries"})),
             images=[BundleImage(reference=str(image.destination), digest=str(image.digest),

@@ -142,11 +142,6 @@ class BundleSpec(_Strict):
     def platform_set(self) -> list[Platform]:
         return [Platform.parse(p) for p in self.platforms] or [Platform.host()]
 
-    def effective_channel(self) -> str | None:
-        if self.channel:
-            return self.channel
-        return f"{self.microk8s}/stable" if self.microk8s else None
-
     def merged(self, other: BundleSpec) -> BundleSpec:
         """This spec with `other` (from flags) on top: lists add up, set values win."""
         data = self.model_dump(by_alias=True)
@@ -168,6 +163,8 @@ class BundleSpec(_Strict):
             )
         if self.channel and not self.microk8s:
             raise UsageError("--channel needs --microk8s (the release whose snap to carry)")
+        if self.snaps.enabled and not self.microk8s and self.snaps.from_ is not None:
+            raise UsageError("--snaps-from needs --microk8s (the release whose snaps to carry)")
 
 
 def load_spec(path: Path | None, overrides: dict[str, Any]) -> BundleSpec:
