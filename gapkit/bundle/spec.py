@@ -25,9 +25,17 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from gapkit.errors import GapkitError, UsageError
 from gapkit.oci.model import Platform
@@ -54,6 +62,10 @@ def _check(value: str, parse: Any) -> str:
     except GapkitError as exc:
         raise ValueError(exc.message) from None
     return value
+
+
+ImageText = Annotated[str, AfterValidator(lambda v: _check(v, Reference.parse))]
+PlatformText = Annotated[str, AfterValidator(lambda v: _check(v, Platform.parse))]
 
 
 class _Strict(BaseModel):
@@ -109,10 +121,10 @@ class BundleSpec(_Strict):
     microk8s: str | None = None
     channel: str | None = None
     addons: list[str] = Field(default_factory=list)
-    images: list[str] = Field(default_factory=list)
+    images: list[ImageText] = Field(default_factory=list)
     images_from: list[Path] = Field(default_factory=list)
     manifests: list[Path] = Field(default_factory=list)
-    platforms: list[str] = Field(default_factory=list)
+    platforms: list[PlatformText] = Field(default_factory=list)
     snaps: SnapsSpec = Field(default_factory=SnapsSpec)
     registries: SourceRegistries = Field(default_factory=SourceRegistries)
 
@@ -123,16 +135,6 @@ class BundleSpec(_Strict):
         if isinstance(value, float):
             raise ValueError("write the release in quotes (\"1.30\"): YAML reads 1.30 as 1.3")
         return str(value) if isinstance(value, int) else value
-
-    @field_validator("images")
-    @classmethod
-    def _valid_references(cls, value: list[str]) -> list[str]:
-        return [_check(v, Reference.parse) for v in value]
-
-    @field_validator("platforms")
-    @classmethod
-    def _valid_platforms(cls, value: list[str]) -> list[str]:
-        return [_check(v, Platform.parse) for v in value]
 
     @field_validator("images_from", "manifests")
     @classmethod
