@@ -17,6 +17,7 @@ Scenarios (`--only` picks some):
   gapkit's one-process form.
 - `layout`: OCI layout -> OCI layout, all 12: 12 skopeo runs + sync against ONE
   `gapkit copy --all-platforms oci:SRC oci:DST` (the CLI's many-images form).
+- `startup`: 12 copies of the smallest image, for the cost of one run of each tool.
 - `big`: one image with one `--big-layer-mb` layer, pulled and pushed: peak RSS stays flat.
 - `sweep`: `--jobs` values for the pull (one process and 12 CLI runs) and the push (one process).
 """
@@ -722,7 +723,7 @@ class Options:
 def main(options: Options) -> int:
     if options.smoke:
         options.size_mb, options.rounds, options.floors = min(options.size_mb, 20), 1, False
-        options.only -= {"sweep"}
+        options.only -= {"sweep", "startup"}
     for tool in ("skopeo", "docker-registry", "curl"):
         if shutil.which(tool) is None and (tool != "curl" or options.floors):
             print(f"bench: {tool} is not installed (see bench/README.md)", file=sys.stderr)
