@@ -11,7 +11,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
@@ -22,16 +22,16 @@ from rich.table import Table
 from rich.text import Text
 
 from gapkit import __version__, ui
-from gapkit.bundle.create import create_bundle
-from gapkit.bundle.export import archive_format_of, export_images
-from gapkit.bundle.inspect import inspect_bundle
-from gapkit.bundle.spec import bundle_flags, load_spec
-from gapkit.bundle.verify import verify_bundle
-from gapkit.catalog import ImageList, Release, releases, resolve_images
-from gapkit.errors import GapkitError
+from gapkit.errors import GapkitError, UsageError
 from gapkit.oci.copy import DEFAULT_JOBS, CopyReport
 from gapkit.oci.model import Platform
 from gapkit.oci.transports import copy_images, registry_settings_from_flags
+
+if TYPE_CHECKING:
+    from gapkit.catalog import ImageList, Release
+
+# The bundle and catalog layers are imported inside the commands that use them: gapkit is
+# often run once per image in scripts, and its start-up time adds up there (see bench/).
 
 app = typer.Typer(
     name="gapkit", no_args_is_help=True, add_completion=False,
@@ -68,9 +68,9 @@ def version() -> None:
 
 @app.command("copy")
 def copy_command(
-    source: Annotated[str, typer.Argument(metavar="SRC", help="docker://REF, oci:DIR[:REF], "
-                                          "oci-archive:FILE[:REF] or docker-archive:FILE[:REF]")],
-    destination: Annotated[str, typer.Argument(metavar="DST")],
+    locations: Annotated[list[str], typer.Argument(
+        metavar="SRC... DST", help="Sources, then the destination: docker://REF, oci:DIR[:REF], "
+        "oci-archive:FILE[:REF] or docker-archive:FILE[:REF]")],
     platform: Annotated[list[str], typer.Option(
         "--platform", metavar="OS/ARCH[/VARIANT]",
         help="Platform of multi-arch images to copy (repeatable; default: this host's).")] = [],  # noqa: B006
@@ -84,7 +84,13 @@ def copy_command(
     insecure: Insecure = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Copy images between registries, OCI layouts and archives, checking every digest."""
+    """Copy images between registries, OCI layouts and archives, checking every digest.
+
+    Several sources copy into one layout or archive, each image keeping its name.
+    """
+    if len(locations) < 2:
+        raise UsageError("gapkit copy needs a source and a destination: gapkit copy SRC... DST")
+    *source, destination = locations
     settings = registry_settings_from_flags(plain_http, ca, creds, mirror, insecure)
     platforms = [Platform.parse(p) for p in platform]
     with ui.copy_progress(None if not as_json else False) as on_event:
@@ -131,6 +137,8 @@ def images_list_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
 ) -> None:
     """List every image the cluster needs, normalised and de-duplicated, with where each came from."""
+    from gapkit.catalog import resolve_images
+
     result = resolve_images(microk8s, addons, manifests, image, images_from)
     _render_image_list(result, as_json, quiet)
 
@@ -162,6 +170,8 @@ def images_releases_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the releases as JSON.")] = False,
 ) -> None:
     """List the MicroK8s releases the catalog knows, with their base snap and core images."""
+    from gapkit.catalog import releases
+
     _render_releases(releases(), as_json)
 
 
@@ -212,6 +222,9 @@ def bundle_create_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print bundle.json and fetch counts.")] = False,
 ) -> None:
     """Build one bundle: MicroK8s snaps and every image the cluster and its workloads need."""
+    from gapkit.bundle.create import create_bundle
+    from gapkit.bundle.spec import bundle_flags, load_spec
+
     overrides = bundle_flags(
         microk8s=microk8s, channel=channel, addons=addons, images=image, images_from=images_from,
         manifests=manifests, platforms=platform, no_snaps=no_snaps, snaps_from=snaps_from,
@@ -233,6 +246,8 @@ def bundle_verify_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Check every blob, image, snap and bundle.json; list every problem (exit 1 if any)."""
+    from gapkit.bundle.verify import verify_bundle
+
     report = asyncio.run(verify_bundle(bundle, jobs))
     if as_json:
         ui.stdout.print_json(json.dumps(report.to_json()))
@@ -248,6 +263,8 @@ def bundle_inspect_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show the MicroK8s release, snaps, images, registries and sizes of a bundle."""
+    from gapkit.bundle.inspect import inspect_bundle
+
     summary = asyncio.run(inspect_bundle(bundle))
     if as_json:
         ui.stdout.print_json(json.dumps(summary.to_json()))
@@ -265,6 +282,8 @@ def images_export_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Write an images-only tar that `microk8s images import` and `ctr image import` take."""
+    from gapkit.bundle.export import archive_format_of, export_images
+
     platforms = [Platform.parse(p) for p in platform]
     with ui.copy_progress(None if not as_json else False) as on_event:
         report = asyncio.run(export_images(bundle, output, platforms or None,

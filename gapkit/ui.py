@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -18,10 +19,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from gapkit.bundle.create import CreateReport
-from gapkit.bundle.inspect import BundleSummary
-from gapkit.bundle.verify import VerifyReport
 from gapkit.oci.copy import BlobFinished, BlobProgress, BlobStarted, CopyEvent, EventHandler, ImageCopied
+
+if TYPE_CHECKING:
+    from gapkit.bundle.create import CreateReport
+    from gapkit.bundle.inspect import BundleSummary
+    from gapkit.bundle.verify import VerifyReport
 
 stderr = Console(stderr=True, soft_wrap=True)
 stdout = Console(soft_wrap=True)

@@ -249,3 +249,19 @@ def test_credentials_and_a_private_ca_reach_protected_registries(
            "--creds", f"{auth_registry.host}=gapkit:s3cret",
            "--ca", f"{tls_registry.host}={tls_registry.tls.ca_cert}", src, dst)
     assert skopeo_digest(dst, *tls_registry.skopeo_tls_args("")) == workload["calico-cni"]
+
+
+def test_several_sources_copy_into_one_layout_fetching_shared_blobs_once(
+        registry: Registry, workload: dict[str, str], tmp_path: Path) -> None:
+    registry.push_layout(tmp_path / "workload", "calico-cni", "calico/cni:v3.25.0")
+    registry.push_layout(tmp_path / "workload", "coredns", "coredns/coredns:1.10.1")
+    out = gapkit("copy", "--plain-http", registry.host, "--json",
+                 f"docker://{registry.host}/calico/cni:v3.25.0",
+                 f"docker://{registry.host}/coredns/coredns:1.10.1", f"oci:{tmp_path / 'both'}")
+    report = json.loads(out.stdout)
+    assert [i["digest"] for i in report["images"]] == [workload["calico-cni"], workload["coredns"]]
+    assert report["blobs_present"] == 1  # the shared base layer: fetched for one image only
+    refused = gapkit("copy", f"oci:{tmp_path / 'both'}:{registry.host}/calico/cni:v3.25.0",
+                     f"oci:{tmp_path / 'both'}:{registry.host}/coredns/coredns:1.10.1",
+                     f"oci:{tmp_path / 'x'}:one/name:1", check=False)
+    assert refused.returncode == 2 and "several sources" in refused.stderr

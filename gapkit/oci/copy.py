@@ -99,6 +99,15 @@ class CopyReport:
     bytes_present: int = 0
     blobs_mounted: int = 0
 
+    def merge(self, other: CopyReport) -> None:
+        """Add another run's images and counts to this report."""
+        self.images += other.images
+        self.blobs_copied += other.blobs_copied
+        self.bytes_copied += other.bytes_copied
+        self.blobs_present += other.blobs_present
+        self.bytes_present += other.bytes_present
+        self.blobs_mounted += other.blobs_mounted
+
     def to_json(self) -> dict[str, object]:
         """The report as `--json` prints it: references and digests in their wire forms."""
         return {
@@ -278,4 +287,6 @@ async def copy(
     copier = _Copier(source, destination, frozenset(platforms) if platforms is not None else None,
                      jobs, on_event)
     await _all(copier.copy_image(request) for request in requests)
+    order = {(r.source, r.destination): i for i, r in enumerate(requests)}
+    copier.report.images.sort(key=lambda image: order[(image.source, image.destination)])
     return copier.report

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from gapkit.errors import UsageError
 from gapkit.oci.copy import DEFAULT_JOBS, CopyReport, CopyRequest, EventHandler, copy
@@ -16,7 +16,10 @@ from gapkit.oci.reference import Reference, normalise_registry
 from gapkit.oci.stores.archive import ArchiveStore
 from gapkit.oci.stores.base import Store
 from gapkit.oci.stores.layout import LayoutStore
-from gapkit.oci.stores.registry import HostOptions, RegistryStore
+from gapkit.oci.stores.options import HostOptions
+
+if TYPE_CHECKING:
+    from gapkit.oci.stores.registry import RegistryStore
 
 TransportName = Literal["docker", "oci", "oci-archive", "docker-archive"]
 TRANSPORTS: tuple[TransportName, ...] = ("docker", "oci", "oci-archive", "docker-archive")
@@ -65,6 +68,8 @@ class RegistrySettings:
     docker_config: Path | None = None
 
     def store(self) -> RegistryStore:
+        from gapkit.oci.stores.registry import RegistryStore
+
         return RegistryStore(hosts=self.hosts, mirrors=self.mirrors,
                              docker_config=self.docker_config)
 
@@ -83,10 +88,18 @@ async def open_store(location: Location, role: Literal["source", "destination"],
     return ArchiveStore.create(location.path, format=archive_format)
 
 
-async def plan_requests(source: Location, destination: Location,
-                        source_store: Store) -> list[CopyRequest]:
-    """Pair source images with destination names the way skopeo does, plus whole layouts."""
+async def plan_requests(source: Location, destination: Location, source_store: Store,
+                        several: bool = False) -> list[CopyRequest]:
+    """Pair source images with destination names the way skopeo does, plus whole layouts.
+
+    `several` says the destination receives images from more than one source, so it cannot
+    name them itself: each keeps its own name.
+    """
     if source.reference is not None:
+        if several and destination.reference is not None:
+            raise UsageError(f"{destination} names one image, but several sources are given",
+                             hint="copy several images into oci:DIR, oci-archive:FILE or "
+                             "docker-archive:FILE, where each keeps its own name")
         return [CopyRequest(source.reference, destination.reference or source.reference)]
     if destination.reference is not None or destination.transport == "docker":
         raise UsageError(
@@ -100,7 +113,7 @@ async def plan_requests(source: Location, destination: Location,
 
 
 async def copy_images(
-    source_text: str,
+    source_texts: Sequence[str],
     destination_text: str,
     registries: RegistrySettings | None = None,
     platforms: Sequence[Platform] | None = None,
@@ -108,29 +121,50 @@ async def copy_images(
     jobs: int = DEFAULT_JOBS,
     on_event: EventHandler | None = None,
 ) -> CopyReport:
-    """`gapkit copy SRC DST`: copy between any two locations.
+    """`gapkit copy SRC... DST`: copy between any locations, as `cp a b dir/` does.
 
-    Without `platforms` and without `all_platforms`, multi-arch images keep only the host's
+    Images from registries share one client and one copy run, so blobs they share are fetched
+    once. Without `platforms` and without `all_platforms`, multi-arch images keep only the host's
     platform (as skopeo does); the index itself is kept byte for byte either way.
     """
     registries = registries or RegistrySettings()
-    source, destination = Location.parse(source_text), Location.parse(destination_text)
+    sources = [Location.parse(text) for text in source_texts]
+    destination = Location.parse(destination_text)
+    if not sources:
+        raise UsageError("name at least one source")
     chosen: frozenset[Platform] | None = None
     if not all_platforms:
         chosen = frozenset(platforms) if platforms else frozenset({Platform.host()})
-    source_store = await open_store(source, "source", registries)
+    stores: list[Store] = []
+    groups: dict[int, tuple[Store, list[CopyRequest]]] = {}
+    registry_store: Store | None = None
     destination_store: Store | None = None
     try:
-        requests = await plan_requests(source, destination, source_store)
+        for source in sources:
+            if source.transport == "docker":
+                if registry_store is None:
+                    registry_store = await open_store(source, "source", registries)
+                    stores.append(registry_store)
+                store = registry_store
+            else:
+                store = await open_store(source, "source", registries)
+                stores.append(store)
+            requests = await plan_requests(source, destination, store, several=len(sources) > 1)
+            groups.setdefault(id(store), (store, []))[1].extend(requests)
         destination_store = await open_store(destination, "destination", registries)
-        report = await copy(source_store, destination_store, requests, chosen, jobs, on_event)
+        report = CopyReport()
+        for store, requests in groups.values():
+            part = await copy(store, destination_store, requests, chosen, jobs, on_event)
+            report.merge(part)
     except BaseException:
         if destination_store is not None:
             await _abort(destination_store)
-        await source_store.close()
+        for store in stores:
+            await store.close()
         raise
     await destination_store.close()
-    await source_store.close()
+    for store in stores:
+        await store.close()
     return report
 
 

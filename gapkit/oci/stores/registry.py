@@ -70,14 +70,16 @@ from gapkit.oci.model import (
 )
 from gapkit.oci.reference import DOCKER_HUB, Reference, Repository
 from gapkit.oci.stores.base import CHUNK_SIZE
+from gapkit.oci.stores.options import HostOptions
 
 T = TypeVar("T")
 
 #: Where Docker Hub's API lives; `docker.io` itself only redirects browsers.
 DOCKER_HUB_API = "registry-1.docker.io"
 #: Blobs up to this size are uploaded in one POST + PUT (and buffered, so a failed PUT can be
-#: sent again); larger ones stream through one PATCH.
-MONOLITHIC_LIMIT = 8 * 1024 * 1024
+#: sent again); larger ones stream through one PATCH. 1 MiB pushes as fast as 8 MiB did on the
+#: copy benchmark and keeps peak memory with 6 jobs near 70 MB instead of over 100.
+MONOLITHIC_LIMIT = 1024 * 1024
 #: Every manifest type gapkit reads; schema 1 is asked for only to refuse it with a clear error.
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST,
                              DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1))
@@ -93,18 +95,6 @@ _AUTH_PARAM_RE = re.compile(r'([A-Za-z][\w-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)
 _HUB_NAMES = frozenset({DOCKER_HUB, "index.docker.io", DOCKER_HUB_API})
 
 
-@dataclass(frozen=True)
-class HostOptions:
-    """How to reach one registry host (a key such as `127.0.0.1:5000` or `docker.io`)."""
-
-    #: Speak HTTP instead of HTTPS; only when the user asked for it.
-    plain_http: bool = False
-    #: A PEM file with the CA(s) that signed the registry's certificate (added to the system's).
-    ca_file: Path | None = None
-    #: HTTPS without certificate verification.
-    skip_verify: bool = False
-    #: (user, password); wins over the Docker config.
-    credentials: tuple[str, str] | None = None
 
 
 # --- proxies -------------------------------------------------------------------------------

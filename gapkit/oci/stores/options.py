@@ -1,0 +1,21 @@
+"""Per-registry connection settings, kept apart from the registry client so that reading
+command-line flags does not import the HTTP stack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    """How to reach one registry host (a key such as `127.0.0.1:5000` or `docker.io`)."""
+
+    #: Speak HTTP instead of HTTPS; only when the user asked for it.
+    plain_http: bool = False
+    #: A PEM file with the CA(s) that signed the registry's certificate (added to the system's).
+    ca_file: Path | None = None
+    #: HTTPS without certificate verification.
+    skip_verify: bool = False
+    #: (user, password); wins over the Docker config.
+    credentials: tuple[str, str] | None = None
