@@ -291,6 +291,43 @@ def images_export_command(
     _render_copy(report, as_json)
 
 
+registry_app = typer.Typer(name="registry", no_args_is_help=True,
+                           help="Serve a bundle as a registry mirror, or push it into the site's own.")
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("push")
+def registry_push_command(
+    source: Annotated[Path, typer.Argument(help="A bundle, an OCI layout folder or an image tar.")],
+    to: Annotated[str, typer.Option("--to", metavar="HOST[:PORT][/PREFIX]",
+                                    help="The registry (and path prefix) to push to.")],
+    plain_http: Annotated[bool, typer.Option("--plain-http", help="The registry speaks HTTP.")] = False,
+    ca: Annotated[Path | None, typer.Option("--ca", help="CA file of the registry's certificate.")] = None,
+    creds: Annotated[str | None, typer.Option("--creds", metavar="USER:PASS")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="HTTPS without verification.")] = False,
+    upstream_prefix: Annotated[bool, typer.Option(
+        "--upstream-prefix", help="Push to HOST/docker.io/calico/cni instead of HOST/calico/cni.")] = False,
+    platform: Annotated[list[str], typer.Option("--platform", metavar="OS/ARCH")] = [],  # noqa: B006
+    hosts_dir: Annotated[Path | None, typer.Option(
+        "--hosts-dir", help="Also write <upstream>/hosts.toml (and ca.crt) under this folder.")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64)] = DEFAULT_JOBS,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Push every image into a registry and print the hosts.toml each node needs."""
+    from gapkit.registry.push import host_options, push_source
+
+    options = host_options(plain_http, ca, creds, insecure)
+    platforms = [Platform.parse(p) for p in platform] or None
+    with ui.copy_progress(None if not as_json else False) as on_event:
+        report = asyncio.run(push_source(source, to, options, upstream_prefix, platforms, jobs,
+                                         on_event, hosts_dir))
+    if as_json:
+        ui.stdout.print_json(json.dumps(report.to_json()))
+        return
+    _render_copy(report.copied, False)
+    ui.render_hosts_toml(report.hosts_toml)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into messages and exit codes."""
     try:

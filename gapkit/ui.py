@@ -129,3 +129,13 @@ def render_bundle_summary(summary: BundleSummary) -> None:
     stdout.print(images)
     stdout.print(f"{len(manifest.images)} image(s), {human_bytes(manifest.blob_bytes)} of blobs, "
                  f"{human_bytes(manifest.shared_bytes_saved)} saved by sharing", highlight=False)
+
+
+def render_hosts_toml(files: dict[str, str]) -> None:
+    """The hosts.toml files every node needs, ready to copy."""
+    stdout.print(f"\nEach node needs these {len(files)} file(s) "
+                 "(MicroK8s: /var/snap/microk8s/current/args/certs.d/<upstream>/hosts.toml; "
+                 "no restart needed):", highlight=False)
+    for upstream, text in files.items():
+        stdout.print(f"\n--- {upstream}/hosts.toml", highlight=False)
+        stdout.print(text, markup=False, highlight=False)

@@ -136,7 +136,8 @@ class _Resolved:
 class _Copier:
     def __init__(self, source: Store, destination: Store,
                  platforms: frozenset[Platform] | None, jobs: int,
-                 on_event: EventHandler | None) -> None:
+                 on_event: EventHandler | None, present_only: bool = False) -> None:
+        self.present_only = present_only
         self.source = source
         self.destination = destination
         self.platforms = platforms
@@ -215,6 +216,9 @@ class _Copier:
             d for d in index.manifests
             if d.media_type in INDEX_MEDIA_TYPES
             or (d.platform is not None and d.platform in self.platforms))
+        if self.present_only:
+            selected = tuple([d for d in selected if await self.source.head_manifest(
+                ref.with_tag(None).with_digest(d.digest)) is not None])
         complete = len(selected) == len(index.manifests)
         fetched = await _all(self.source.get_manifest(ref.with_tag(None).with_digest(d.digest))
                              for d in selected)
@@ -278,14 +282,17 @@ async def copy(
     platforms: Collection[Platform] | None = None,
     jobs: int = DEFAULT_JOBS,
     on_event: EventHandler | None = None,
+    present_only: bool = False,
 ) -> CopyReport:
     """Copy every requested image from `source` to `destination`.
 
     `platforms` selects the platform manifests of multi-arch images (None: all of them); the
     index itself is kept byte for byte, so it still resolves by its original digest.
+    `present_only` skips platform manifests the source does not hold (a bundle or export made
+    for some platforms only) instead of failing on them.
     """
     copier = _Copier(source, destination, frozenset(platforms) if platforms is not None else None,
-                     jobs, on_event)
+                     jobs, on_event, present_only)
     await _all(copier.copy_image(request) for request in requests)
     order = {(r.source, r.destination): i for i, r in enumerate(requests)}
     copier.report.images.sort(key=lambda image: order[(image.source, image.destination)])

@@ -140,6 +140,11 @@ class Reference:
         return f"{self.repository.name}{self._suffix()}"
 
 
+def is_registry_host(text: str) -> bool:
+    """Whether `text` is a registry host as references write it (`HOST[:PORT]`, `[v6]:PORT`)."""
+    return bool(_DOMAIN_RE.match(text))
+
+
 def normalise_registry(host: str) -> str:
     """`index.docker.io` and `registry-1.docker.io` are `docker.io`; other hosts stay."""
     return DOCKER_HUB if host in _DOCKER_HUB_ALIASES else host
