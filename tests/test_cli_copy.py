@@ -13,17 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import gapkit
 from tests.support.containerd import Containerd
 from tests.support.images import ImageSpec, make_layer, write_layout
 from tests.support.peers import Registry
-
-
-def gapkit(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "gapkit", *args], capture_output=True, text=True,
-                            timeout=300, check=False)
-    if check and result.returncode != 0:
-        raise AssertionError(f"gapkit {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-    return result
 
 
 def skopeo_digest(location: str, *flags: str) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from gapkit.catalog import resolve_images
+from tests.support.cli import gapkit
 from tests.support.containerd import Containerd
 from tests.support.snaps import make_snap
 from tests.support.upstreams import Upstreams
@@ -31,12 +32,6 @@ from tests.support.upstreams import Upstreams
 RELEASE = "1.32"
 
 
-def gapkit(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "gapkit", *args], capture_output=True,
-                            text=True, timeout=300, check=False)
-    if check and result.returncode != 0:
-        raise AssertionError(f"gapkit {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-    return result
 
 
 @dataclass

@@ -7,14 +7,13 @@ The node side has no internet: each pull can only succeed through the mirror.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli import gapkit
 from tests.support.containerd import Containerd
 from tests.support.peers import Registry
 from tests.support.upstreams import Upstreams
@@ -28,12 +27,6 @@ IMAGES = [
 ]
 
 
-def gapkit(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "gapkit", *args], capture_output=True,
-                            text=True, timeout=300, check=False)
-    if check and result.returncode != 0:
-        raise AssertionError(f"gapkit {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-    return result
 
 
 @dataclass
@@ -137,4 +130,5 @@ def test_a_flat_collision_between_upstreams_is_refused_naming_both(
     gapkit("registry", "push", str(layout), "--to", registry.host, "--plain-http",
            "--upstream-prefix")
     status, body, _ = registry.request("/v2/_catalog")
+    assert status == 200
     assert json.loads(body)["repositories"] == ["docker.io/team/app", "quay.io/team/app"]
