@@ -54,6 +54,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
@@ -502,6 +503,15 @@ class RegistryServer:
 
     # ---- log -----------------------------------------------------------------------------
 
+    def protocol_logger(self) -> logging.Logger:
+        """A logger for aiohttp's own messages (requests it refuses to parse, with a 400):
+        one cleaned line each, never a traceback or the hostile bytes themselves."""
+        logger = logging.getLogger(f"gapkit.registry.http.{id(self):x}")
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        logger.handlers = [_ProtocolLog(self)]
+        return logger
+
     def _log_access(self, request: web.Request, status: int, seconds: float) -> None:
         if self.access_log is None:
             return
@@ -523,6 +533,21 @@ class RegistryServer:
         with contextlib.suppress(OSError, ValueError):
             stream.write(line)
             stream.flush()
+
+
+class _ProtocolLog(logging.Handler):
+    def __init__(self, server: RegistryServer) -> None:
+        super().__init__(logging.INFO)
+        self.server = server
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        what = record.getMessage().replace("Error handling request from",
+                                           "400 for an unreadable request from")
+        if exc is not None:
+            message = getattr(exc, "message", None) or str(exc)
+            what += f": {type(exc).__name__}: {str(message).strip().splitlines()[0]}"
+        self.server._log_line(_clean(what, 300).replace("%20", " "))
 
 
 async def _api_header(request: web.Request, response: web.StreamResponse) -> None:
@@ -656,7 +681,8 @@ async def serve(
     opened = await open_source(source)
     server = RegistryServer(opened, users, access_log, verify_ahead)
     runner = web.AppRunner(server.app, access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_GRACE, **PARSER_LIMITS)  # type: ignore[arg-type]
+                           shutdown_timeout=SHUTDOWN_GRACE, logger=server.protocol_logger(),
+                           **PARSER_LIMITS)  # type: ignore[arg-type]
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
