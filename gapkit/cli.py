@@ -328,6 +328,32 @@ def registry_push_command(
     ui.render_hosts_toml(report.hosts_toml)
 
 
+@registry_app.command("serve")
+def registry_serve_command(
+    source: Annotated[Path, typer.Argument(
+        help="A bundle, an image tar (ctr/microk8s export, docker save, skopeo) or an OCI layout.")],
+    listen: Annotated[str, typer.Option("--listen", metavar="ADDR:PORT")] = "0.0.0.0:5000",
+    tls: Annotated[str, typer.Option(
+        "--tls", metavar="auto|off", help="auto: a CA and certificate kept in --state.")] = "auto",
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="The site's own certificate.")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="Its key.")] = None,
+    htpasswd: Annotated[Path | None, typer.Option(
+        "--htpasswd", help="Basic auth users (bcrypt, `htpasswd -B`).")] = None,
+    state: Annotated[Path | None, typer.Option(
+        "--state", help="Where --tls auto keeps its CA (default ~/.local/state/gapkit/registry).")] = None,
+    name: Annotated[list[str], typer.Option(
+        "--name", metavar="HOST", help="Another name or address for the certificate.")] = [],  # noqa: B006
+    access_log: Annotated[Path | None, typer.Option(
+        "--access-log", help="Append the access log here instead of stderr.")] = None,
+) -> None:
+    """Serve images read-only as a registry mirror for every upstream they come from."""
+    from gapkit.registry.server import serve, tls_mode
+
+    with ui.access_log(access_log) as log:
+        asyncio.run(serve(source, listen, tls_mode(tls), tls_cert, tls_key, htpasswd, state,
+                          tuple(name), log, ui.render_serving))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into messages and exit codes."""
     try:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from gapkit.bundle.create import CreateReport
     from gapkit.bundle.inspect import BundleSummary
     from gapkit.bundle.verify import VerifyReport
+    from gapkit.registry.server import ServeInfo
 
 stderr = Console(stderr=True, soft_wrap=True)
 stdout = Console(soft_wrap=True)
@@ -139,3 +141,34 @@ def render_hosts_toml(files: dict[str, str]) -> None:
     for upstream, text in files.items():
         stdout.print(f"\n--- {upstream}/hosts.toml", highlight=False)
         stdout.print(text, markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def access_log(path: Path | None) -> Iterator[IO[str]]:
+    """Where `registry serve` writes its access log: stderr, or a file appended to."""
+    if path is None:
+        yield stderr.file
+        return
+    with open(path, "a", encoding="utf-8", buffering=1) as f:
+        yield f
+
+
+def render_serving(info: ServeInfo) -> None:
+    """The start-up banner of `registry serve`: what, where, and what nodes need."""
+    for problem in info.problems:
+        warning(problem)
+    out = stdout
+    out.print(f"serving {info.images} image(s) in {info.repositories} repositories from "
+              f"{escape(str(info.source))} ({info.kind})", highlight=False)
+    out.print(f"  upstreams: {', '.join(info.registries)}", highlight=False)
+    out.print(f"  listening on {info.listen}: {', '.join(info.urls)}", highlight=False)
+    if info.tls is not None and info.tls.ca is not None:
+        made = " (new: copy it to every node)" if info.tls.new_ca else ""
+        out.print(f"  CA nodes need: {escape(str(info.tls.ca))}{made}", highlight=False)
+    if info.auth:
+        out.print("  basic auth: on (htpasswd)", highlight=False)
+    render_hosts_toml(info.hosts_toml())
+    if info.tls is not None and info.tls.ca is not None:
+        out.print(f"(copy {escape(str(info.tls.ca))} beside each hosts.toml as ca.crt)",
+                  highlight=False)
+    out.print("Ctrl-C stops the server; one access log line per request follows.", highlight=False)
