@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gapkit.errors import GapkitError, UsageError
 from gapkit.oci.model import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, Digest, Manifest, Platform
@@ -417,7 +418,7 @@ class RegistryServer:
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("the client went away")
-        fd = await asyncio.to_thread(open_blob_fd, location)
+        fd = open_blob_fd(location)  # a local open(2): no worker thread needed
         with os.fdopen(fd, "rb", buffering=0) as f:
             offset, count = location.offset + start, end - start
             if transport.get_extra_info("sslcontext") is None:
@@ -554,8 +555,12 @@ class _ProtocolLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         exc = record.exc_info[1] if record.exc_info else None
-        what = record.getMessage().replace("Error handling request from",
-                                           "400 for an unreadable request from")
+        if isinstance(exc, (ConnectionError, asyncio.CancelledError)):
+            return  # a client that went away: its access log line says 499
+        what = record.getMessage()
+        if isinstance(exc, HttpProcessingError):
+            what = what.replace("Error handling request from",
+                                f"{exc.code} for an unreadable request from")
         if exc is not None:
             message = getattr(exc, "message", None) or str(exc)
             what += f": {type(exc).__name__}: {str(message).strip().splitlines()[0]}"

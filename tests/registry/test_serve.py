@@ -322,6 +322,24 @@ def test_a_ctr_export_tar_serves_as_a_source(pulled: Pulled, tmp_path: Path) -> 
             assert "sha256:" + hashlib.sha256(raw).hexdigest() == pulled.digests[name], name
 
 
+def test_a_docker_save_tar_serves_as_a_source(layout: LayoutSource, tmp_path: Path) -> None:
+    name = "docker.io/library/nginx:1.27"
+    archive = tmp_path / "saved.tar"
+    subprocess.run(["skopeo", "copy", "--quiet", f"oci:{layout.root}:{name}",
+                    f"docker-archive:{archive}:{name}"], capture_output=True, check=True)
+    original = json.loads((layout.root / "blobs" / "sha256" /
+                           layout.digests[name].split(":")[1]).read_text())
+    with serving(archive, tmp_path / "serve", "--tls", "off") as served:
+        _, body, head = served.request("/v2/library/nginx/manifests/1.27")
+        assert head["Content-Type"] == DOCKER_MANIFEST  # what a registry serves for it
+        assert json.loads(body)["config"]["digest"] == original["config"]["digest"]
+        copied = tmp_path / "copied"
+        subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false",
+                        f"docker://{served.host}/nginx:1.27", f"oci:{copied}:x"],
+                       capture_output=True, check=True)  # checking every digest it reads
+        assert (copied / "index.json").is_file()
+
+
 def test_ctr_pulls_over_https_with_the_ca_that_tls_auto_made(
         bundle: BundleSource, tmp_path: Path, containerd: Containerd) -> None:
     with serving(bundle.bundle, tmp_path / "serve", "--tls", "auto") as served:
