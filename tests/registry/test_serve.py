@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import bcrypt
 import pytest
@@ -36,6 +37,9 @@ from tests.support.containerd import Containerd
 from tests.support.images import Blob, ImageSpec, Layer, make_layer, write_layout
 from tests.support.peers import free_port
 from tests.support.upstreams import Upstreams
+
+if TYPE_CHECKING:
+    from tests.support.peers import TestCA
 
 #: One repository path under two upstreams (different content), a multi-arch index that only
 #: registry.k8s.io has, and a Docker Hub image under a two-part name.
@@ -77,7 +81,8 @@ class Served:
 
     @property
     def tls(self) -> bool:
-        return "--tls" in self.args and self.args[self.args.index("--tls") + 1] == "auto"
+        auto = "--tls" in self.args and self.args[self.args.index("--tls") + 1] == "auto"
+        return auto or "--tls-cert" in self.args
 
     @property
     def log_path(self) -> Path:
@@ -106,17 +111,17 @@ class Served:
                     self.stop()
                     raise TimeoutError(f"serve did not listen in {timeout}s:\n{self.log()}") from None
                 time.sleep(0.05)
-        if self.tls:
+        if self.tls and self.ca is None:
             self.ca = self.folder / "state" / "ca.crt"
         return self
 
-    def stop(self) -> int | None:
-        """SIGTERM, then wait; the exit code (SIGKILL after 10 s: None)."""
+    def stop(self, signum: int = signal.SIGTERM) -> int | None:
+        """`signum` (SIGTERM), then wait; the exit code (SIGKILL after 10 s: None)."""
         process, self.process = self.process, None
         if process is None:
             return None
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(process.pid, signum)
             try:
                 return process.wait(10)
             except subprocess.TimeoutExpired:
@@ -143,14 +148,15 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(source: Path, folder: Path, *args: str) -> Iterator[Served]:
+def serving(source: Path, folder: Path, *args: str, ca: Path | None = None,
+            stop_signal: int = signal.SIGTERM) -> Iterator[Served]:
     """A started server, stopped (and required to exit cleanly) afterwards."""
-    served = Served(source, folder, list(args)).start()
+    served = Served(source, folder, list(args), ca=ca).start()
     try:
         yield served
     finally:
-        code = served.stop()
-        assert code == 0, f"serve exited with {code} on SIGTERM:\n{served.log()}"
+        code = served.stop(stop_signal)
+        assert code == 0, f"serve exited with {code} on signal {stop_signal}:\n{served.log()}"
 
 
 def write_hosts(folder: Path, upstreams: Iterable[str], mirror: str, ca: Path | None = None,
@@ -357,6 +363,18 @@ def test_ctr_pulls_over_https_with_the_ca_that_tls_auto_made(
         refused = pull(containerd, untrusting, "docker.io/calico/cni:v3.28.1", check=False)
         assert refused.returncode != 0
         assert "certificate" in refused.stderr
+
+
+def test_the_sites_own_certificate_serves_https_and_sigint_stops_cleanly(
+        layout: LayoutSource, tmp_path: Path, test_ca: TestCA) -> None:
+    with serving(layout.root, tmp_path / "serve", "--tls-cert", str(test_ca.server_cert),
+                 "--tls-key", str(test_ca.server_key), ca=test_ca.ca_cert,
+                 stop_signal=signal.SIGINT) as served:
+        status, body, _ = served.request("/v2/nginx/manifests/1.27")
+        assert status == 200
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == layout.digests[
+            "docker.io/library/nginx:1.27"]
+        assert not (tmp_path / "serve" / "state").exists()  # nothing made for auto TLS
 
 
 def test_tls_auto_keeps_its_ca_and_renews_the_server_certificate_when_names_change(
