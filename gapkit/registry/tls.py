@@ -8,8 +8,8 @@ made again whenever the names and addresses it must cover change (a new interfac
 new `--name`), when it nears its end, or when it was not signed by the kept CA.
 
 Its subjectAltNames cover every address of this machine's interfaces (IPv4 and global IPv6),
-`localhost`, the host name and its FQDN, the listen address when it is a specific one, and the
-extra names given.
+`localhost`, the host name, the listen address when it is a specific one, and the extra names
+given (`--name`, for DNS names such as the FQDN).
 """
 
 from __future__ import annotations
@@ -82,9 +82,11 @@ def local_addresses() -> list[str]:
 def wanted_names(listen_host: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The SANs a server certificate needs for this machine, sorted, no duplicates."""
     names = {"localhost", *local_addresses(), *extra}
-    for name in (socket.gethostname(), socket.getfqdn()):
-        if name and name != "localhost.localdomain":
-            names.add(name.lower())
+    # The host name only: its FQDN would need a DNS lookup, which can hang on an air-gapped
+    # machine whose resolver is unreachable. Other names come with --name.
+    hostname = socket.gethostname()
+    if hostname and hostname != "localhost.localdomain":
+        names.add(hostname.lower())
     if listen_host not in ("", "0.0.0.0", "::"):
         names.add(listen_host)
     return tuple(sorted(names))

@@ -367,14 +367,20 @@ def test_ctr_pulls_over_https_with_the_ca_that_tls_auto_made(
 
 def test_the_sites_own_certificate_serves_https_and_sigint_stops_cleanly(
         layout: LayoutSource, tmp_path: Path, test_ca: TestCA) -> None:
+    access = tmp_path / "access.log"
     with serving(layout.root, tmp_path / "serve", "--tls-cert", str(test_ca.server_cert),
-                 "--tls-key", str(test_ca.server_key), ca=test_ca.ca_cert,
-                 stop_signal=signal.SIGINT) as served:
+                 "--tls-key", str(test_ca.server_key), "--access-log", str(access),
+                 ca=test_ca.ca_cert, stop_signal=signal.SIGINT) as served:
         status, body, _ = served.request("/v2/nginx/manifests/1.27")
         assert status == 200
         assert "sha256:" + hashlib.sha256(body).hexdigest() == layout.digests[
             "docker.io/library/nginx:1.27"]
         assert not (tmp_path / "serve" / "state").exists()  # nothing made for auto TLS
+        assert served.request("/v2/nginx/manifests/nope", method="HEAD")[0] == 404
+    lines = access.read_text().splitlines()
+    assert len(lines) == 2
+    assert '127.0.0.1 "GET /v2/nginx/manifests/1.27" 200 ' + str(len(body)) in lines[0]
+    assert '"HEAD /v2/nginx/manifests/nope" 404 0 ' in lines[1]
 
 
 def test_tls_auto_keeps_its_ca_and_renews_the_server_certificate_when_names_change(
