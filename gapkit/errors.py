@@ -73,3 +73,7 @@ class SnapError(GapkitError):
 
 class BundleError(GapkitError):
     """A bundle is damaged, incomplete or not a gapkit bundle."""
+
+
+class NodeError(GapkitError):
+    """Something on a node is missing, wrong, or could not be changed."""

@@ -1,0 +1,237 @@
+"""Plans: what a change to a node will write and run, shown before it is applied.
+
+As in pyinfra and Terraform, node functions read the current state (through a `Runner`) and
+return a `Plan`; nothing is changed while planning. A plan prints as a unified diff
+(`--dry-run`), and `apply()` carries it out through the same runner: each file is written
+atomically (temp file, fsync, rename) after its previous content is backed up, and commands
+marked `only_if_changed` run only when a file really changed, so applying a plan twice changes
+nothing the second time and says so.
+
+Runners: `LocalRunner` here (with `root`, every path is under that folder: for tests and for
+preparing an image); the SSH runner lives in `gapkit.cluster`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import difflib
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+from gapkit.errors import NodeError
+
+BACKUP_SUFFIX = ".gapkit-backup-"
+
+
+@dataclass(frozen=True)
+class FileWrite:
+    """Write `content` to `path` (a path on the node); `old` is what is there now (None: absent)."""
+
+    path: PurePosixPath
+    content: bytes
+    old: bytes | None
+    mode: int = 0o644
+    why: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return self.old != self.content
+
+    def diff(self) -> str:
+        if not self.changed:
+            return ""
+        old = (self.old or b"").decode("utf-8", "replace").splitlines(keepends=True)
+        new = self.content.decode("utf-8", "replace").splitlines(keepends=True)
+        fromfile = str(self.path) if self.old is not None else "/dev/null"
+        lines = difflib.unified_diff(old, new, fromfile=fromfile, tofile=str(self.path))
+        text = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+        return text
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command to run on the node, and why."""
+
+    argv: tuple[str, ...]
+    why: str = ""
+    #: Run only when a file of the plan changed (a restart after a config edit).
+    only_if_changed: bool = True
+
+    def __str__(self) -> str:
+        return " ".join(self.argv)
+
+
+@dataclass
+class Plan:
+    node: str
+    writes: list[FileWrite] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)
+    #: Things the operator should know that the plan does not change (left-alone files...).
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return any(w.changed for w in self.writes) or any(
+            not c.only_if_changed for c in self.commands)
+
+    def commands_to_run(self) -> list[Command]:
+        files_changed = any(w.changed for w in self.writes)
+        return [c for c in self.commands if files_changed or not c.only_if_changed]
+
+    def render(self) -> str:
+        """The plan as a person reads it: diffs, then commands, then notes."""
+        out = [f"# node {self.node}"]
+        changed = [w for w in self.writes if w.changed]
+        unchanged = [w for w in self.writes if not w.changed]
+        for write in changed:
+            if write.why:
+                out.append(f"# {write.why}")
+            out.append(write.diff().rstrip("\n"))
+        for write in unchanged:
+            out.append(f"# {write.path}: already as wanted")
+        for command in self.commands_to_run():
+            out.append(f"$ {command}" + (f"    # {command.why}" if command.why else ""))
+        out += [f"# note: {note}" for note in self.notes]
+        if not self.changed:
+            out.append("# nothing to change")
+        return "\n".join(out) + "\n"
+
+
+@dataclass
+class CommandResult:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Runner(Protocol):
+    """Reads and changes one node: the local machine, or a node over SSH."""
+
+    name: str
+
+    async def read_file(self, path: PurePosixPath) -> bytes | None:
+        """The file's content, or None when it does not exist."""
+        ...
+
+    async def write_file(self, path: PurePosixPath, content: bytes, mode: int) -> None:
+        """Replace the file atomically (temp file in the same folder, fsync, rename)."""
+        ...
+
+    async def run(self, argv: Sequence[str], stdin: bytes | None = None) -> CommandResult:
+        ...
+
+
+@dataclass
+class ApplyReport:
+    node: str
+    written: list[PurePosixPath] = field(default_factory=list)
+    backups: list[PurePosixPath] = field(default_factory=list)
+    ran: list[CommandResult] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.written or self.ran)
+
+
+def backup_path(path: PurePosixPath, stamp: str) -> PurePosixPath:
+    return path.with_name(f"{path.name}{BACKUP_SUFFIX}{stamp}")
+
+
+async def apply(plan: Plan, runner: Runner) -> ApplyReport:
+    """Carry out `plan`: back up and atomically write each changed file, then run commands.
+
+    Files are checked again just before writing: if one changed since the plan was made, the
+    plan is stale and nothing more is written.
+    """
+    report = ApplyReport(plan.node)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for write in plan.writes:
+        if not write.changed:
+            continue
+        current = await runner.read_file(write.path)
+        if current != write.old:
+            raise NodeError(
+                f"{plan.node}: {write.path} changed while gapkit was planning",
+                hint="run the command again to plan from what is there now")
+        if current is not None:
+            backup = backup_path(write.path, stamp)
+            await runner.write_file(backup, current, 0o600)
+            report.backups.append(backup)
+        await runner.write_file(write.path, write.content, write.mode)
+        report.written.append(write.path)
+    for command in plan.commands_to_run():
+        result = await runner.run(command.argv)
+        report.ran.append(result)
+        if result.returncode != 0:
+            raise NodeError(
+                f"{plan.node}: `{command}` failed with exit code {result.returncode}: "
+                f"{(result.stderr or result.stdout).strip()[-500:]}",
+                hint="the files above were written and backed up; fix the cause and run again")
+    return report
+
+
+class LocalRunner:
+    """This machine; with `root`, every node path is taken under that folder."""
+
+    def __init__(self, root: Path | None = None, name: str = "localhost") -> None:
+        self.root = root
+        self.name = name
+
+    def local(self, path: PurePosixPath) -> Path:
+        if self.root is None:
+            return Path(path)
+        return self.root / str(path).lstrip("/")
+
+    async def read_file(self, path: PurePosixPath) -> bytes | None:
+        target = self.local(path)
+        try:
+            return await asyncio.to_thread(target.read_bytes)
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:
+            raise NodeError(f"{self.name}: {path} is a folder, not a file") from None
+        except OSError as exc:
+            raise NodeError(f"{self.name}: cannot read {path}: {exc.strerror}") from None
+
+    async def write_file(self, path: PurePosixPath, content: bytes, mode: int) -> None:
+        await asyncio.to_thread(self._write, self.local(path), content, mode, path)
+
+    def _write(self, target: Path, content: bytes, mode: int, shown: PurePosixPath) -> None:
+        tmp = target.with_name(f".{target.name}.gapkit-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)
+            os.replace(tmp, target)
+            dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise NodeError(f"{self.name}: cannot write {shown}: {exc.strerror}",
+                            hint="check the folder exists and is writable (run as root?)") from None
+
+    async def run(self, argv: Sequence[str], stdin: bytes | None = None) -> CommandResult:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else None,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        except FileNotFoundError:
+            return CommandResult(tuple(argv), 127, "", f"{argv[0]}: command not found")
+        out, err = await process.communicate(stdin)
+        return CommandResult(tuple(argv), process.returncode or 0, out.decode(errors="replace"),
+                             err.decode(errors="replace"))

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from gapkit.errors import NodeError
+from gapkit.node.plan import BACKUP_SUFFIX, Command, FileWrite, LocalRunner, Plan, apply
+
+ENV = PurePosixPath("/var/snap/microk8s/current/args/containerd-env")
+
+
+async def plan_for(runner: LocalRunner, content: bytes) -> Plan:
+    old = await runner.read_file(ENV)
+    return Plan("node1", [FileWrite(ENV, content, old, why="proxy for containerd")],
+                [Command(("true",), "restart MicroK8s")])
+
+
+async def test_dry_run_shows_a_diff_and_writes_nothing(tmp_path: Path) -> None:
+    runner = LocalRunner(tmp_path)
+    (tmp_path / str(ENV).lstrip("/")).parent.mkdir(parents=True)
+    runner.local(ENV).write_bytes(b"# keep me\nulimit -n 65536\n")
+    plan = await plan_for(runner, b"# keep me\nulimit -n 65536\nHTTPS_PROXY=http://p:3128\n")
+    text = plan.render()
+    assert f"--- {ENV}" in text and "+HTTPS_PROXY=http://p:3128" in text
+    assert "$ true" in text
+    assert runner.local(ENV).read_bytes() == b"# keep me\nulimit -n 65536\n"
+
+
+async def test_apply_twice_changes_nothing_the_second_time_and_keeps_a_backup(
+        tmp_path: Path) -> None:
+    runner = LocalRunner(tmp_path)
+    runner.local(ENV).parent.mkdir(parents=True)
+    runner.local(ENV).write_bytes(b"old\n")
+    first = await apply(await plan_for(runner, b"new\n"), runner)
+    assert first.written == [ENV] and len(first.ran) == 1
+    assert runner.local(ENV).read_bytes() == b"new\n"
+    backups = [p for p in runner.local(ENV).parent.iterdir() if BACKUP_SUFFIX in p.name]
+    assert [b.read_bytes() for b in backups] == [b"old\n"]
+    again = await plan_for(runner, b"new\n")
+    assert not again.changed and "nothing to change" in again.render()
+    second = await apply(again, runner)
+    assert not second.changed and second.ran == []
+
+
+async def test_a_file_changed_since_planning_stops_the_apply(tmp_path: Path) -> None:
+    runner = LocalRunner(tmp_path)
+    plan = await plan_for(runner, b"new\n")
+    runner.local(ENV).parent.mkdir(parents=True)
+    runner.local(ENV).write_bytes(b"someone else\n")
+    with pytest.raises(NodeError, match="changed while gapkit was planning"):
+        await apply(plan, runner)
+    assert runner.local(ENV).read_bytes() == b"someone else\n"
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A real read-only filesystem (root ignores permission bits, so chmod would prove nothing)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        (folder / "f").write_bytes(b"old\n")
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+async def test_an_unwritable_folder_is_a_clear_error_and_leaves_the_file(
+        read_only_folder: Path) -> None:
+    path = PurePosixPath(str(read_only_folder / "f"))
+    plan = Plan("node1", [FileWrite(path, b"new\n", b"old\n")])
+    with pytest.raises(NodeError, match="cannot write"):
+        await apply(plan, LocalRunner(None))
+    assert (read_only_folder / "f").read_bytes() == b"old\n"
+    assert sorted(p.name for p in read_only_folder.iterdir()) == ["f"]
