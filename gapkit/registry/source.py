@@ -23,12 +23,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gapkit.bundle.sources import open_image_source
 from gapkit.errors import GapkitError, NotFound, StoreError, UsageError
 from gapkit.oci.model import Descriptor, Digest, Manifest
 from gapkit.oci.reference import DOCKER_HUB, Reference, Repository
 from gapkit.oci.stores.archive import ArchiveStore
 from gapkit.oci.stores.base import Store
-from gapkit.oci.stores.layout import OCI_LAYOUT_FILE, LayoutStore
+from gapkit.oci.stores.layout import LayoutStore
 
 #: Index nesting followed below a tagged manifest (index of indexes).
 MAX_DEPTH = 4
@@ -97,43 +98,12 @@ class Source:
         await self.store.close()
 
 
-def _kind_of(path: Path) -> str:
-    if path.is_dir():
-        if not (path / OCI_LAYOUT_FILE).is_file():
-            raise UsageError(
-                f"{path} is a folder but not an OCI image layout (it has no {OCI_LAYOUT_FILE})",
-                hint="serve a bundle, an image tar, or the folder that holds oci-layout, "
-                "index.json and blobs/")
-        return "layout"
-    if not path.exists():
-        raise UsageError(f"{path} does not exist",
-                         hint="give a gapkit bundle, an image tar or an OCI layout folder")
-    if not path.is_file():
-        raise UsageError(f"{path} is not a file or a folder")
-    return "archive"
-
-
-async def _open_store(path: Path) -> tuple[str, Store]:
-    kind = _kind_of(path)
-    if kind == "layout":
-        return kind, LayoutStore(path, create=False, durable=False)
-    store = await ArchiveStore.open(path)
-    from gapkit.bundle.model import BUNDLE_JSON
-
-    if BUNDLE_JSON not in store.member_names():
-        return "archive", store
-    await store.close()
-    from gapkit.bundle.reader import open_bundle
-
-    bundle = await open_bundle(path)  # refuses damaged bundles, pointing at `bundle verify`
-    return "bundle", bundle.store
-
-
 async def open_source(path: Path) -> Source:
     """Open and index `path`; raise a `GapkitError` saying why it cannot be served."""
-    kind, store = await _open_store(path)
+    opened = await open_image_source(path)
+    store = opened.store
     try:
-        source = Source(path, kind, store, {}, {}, {})
+        source = Source(path, opened.kind, store, {}, {}, {})
         images = await store.images()
         for ref in images:
             await _add_image(source, ref)
