@@ -354,6 +354,143 @@ def registry_serve_command(
                           tuple(name), log, ui.render_serving))
 
 
+@images_app.command("import")
+def images_import_command(
+    source: Annotated[Path, typer.Argument(help="A bundle or an image tar (OCI or docker save).")],
+    tmp_dir: Annotated[Path | None, typer.Option(
+        "--tmp-dir", help="Where a bundle's lean images tar is written first (MicroK8s >= 1.25).")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Side-load images into MicroK8s on this node, then check every one is there by digest."""
+    from gapkit.node.images import import_images
+    from gapkit.node.plan import LocalRunner
+
+    with ui.copy_progress(None if not as_json else False) as on_event:
+        report = asyncio.run(import_images(LocalRunner(), source, tmp_dir, on_event))
+    if as_json:
+        ui.stdout.print_json(json.dumps(report.to_json()))
+    else:
+        ui.render_images_imported(report)
+
+
+node_app = typer.Typer(name="node", no_args_is_help=True,
+                       help="Check and configure the node gapkit runs on.")
+app.add_typer(node_app, name="node")
+
+
+@node_app.command("configure")
+def node_configure_command(
+    mirror: Annotated[str | None, typer.Option(
+        "--mirror", metavar="URL",
+        help="Pull through this registry: http(s)://HOST:PORT, optionally /PREFIX.")] = None,
+    ca: Annotated[Path | None, typer.Option("--ca", help="CA file of the mirror's certificate.")] = None,
+    creds: Annotated[str | None, typer.Option("--creds", metavar="USER:PASS")] = None,
+    registries: Annotated[list[str], typer.Option(
+        "--registries", metavar="HOST,...",
+        help="Upstreams to mirror (default: the --bundle's, else docker.io, registry.k8s.io, "
+        "k8s.gcr.io, quay.io, ghcr.io, public.ecr.aws).")] = [],  # noqa: B006
+    bundle: Annotated[Path | None, typer.Option(
+        "--bundle", help="Mirror every upstream this bundle's images come from.")] = None,
+    upstream_prefix: Annotated[bool, typer.Option(
+        "--upstream-prefix", help="The mirror keeps images under HOST/<upstream>/...")] = False,
+    no_fallback: Annotated[bool, typer.Option(
+        "--no-fallback", help="Never fall back to the upstream when the mirror fails.")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="HTTPS without verification.")] = False,
+    proxy: Annotated[str | None, typer.Option(
+        "--proxy", metavar="URL", help="containerd pulls through this HTTP proxy.")] = None,
+    no_proxy: Annotated[list[str], typer.Option(
+        "--no-proxy", metavar="HOST,...", help="More NO_PROXY entries (added to the defaults).")] = [],  # noqa: B006
+    peers: Annotated[list[str], typer.Option(
+        "--peers", metavar="ADDR,...", help="The other nodes (kept off the proxy).")] = [],  # noqa: B006
+    node_address: Annotated[list[str], typer.Option(
+        "--node-address", metavar="ADDR,...", help="This node's addresses (default: hostname -I).")] = [],  # noqa: B006
+    root: Annotated[Path | None, typer.Option(
+        "--root", help="Take every node path under this folder (tests, preparing an image).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan; change nothing.")] = False,
+    no_restart: Annotated[bool, typer.Option("--no-restart", help="Never restart MicroK8s.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Point MicroK8s' containerd at a mirror (hosts.toml per upstream) and/or a proxy."""
+    from gapkit.node.configure import configure_node, configure_options
+    from gapkit.node.plan import LocalRunner
+
+    options = configure_options(
+        mirror, proxy, ca=ca, creds=creds, registries=registries, bundle=bundle,
+        upstream_prefix=upstream_prefix, no_fallback=no_fallback, insecure=insecure,
+        no_proxy=no_proxy, peers=peers, node_addresses=node_address, restart=not no_restart)
+    result = asyncio.run(configure_node(LocalRunner(root), options, dry_run))
+    if as_json:
+        ui.stdout.print_json(json.dumps(result.to_json()))
+    else:
+        ui.render_configured(result)
+    result.raise_for_problems()
+
+
+@node_app.command("check")
+def node_check_command(
+    peers: Annotated[list[str], typer.Option(
+        "--peers", metavar="ADDR,...", help="Other nodes: every MicroK8s port is tried on each.")] = [],  # noqa: B006
+    proxy: Annotated[str | None, typer.Option(
+        "--proxy", metavar="URL", help="CONNECT through this proxy to every upstream registry.")] = None,
+    registries: Annotated[list[str], typer.Option(
+        "--registries", metavar="HOST,...",
+        help="Upstreams to reach through --proxy (default: the bundle's, else docker.io, "
+        "registry.k8s.io, quay.io); http://HOST:PORT for plain HTTP.")] = [],  # noqa: B006
+    upstream_ca: Annotated[Path | None, typer.Option(
+        "--upstream-ca", help="Also trust this CA for upstreams (a TLS-inspecting proxy's).")] = None,
+    mirror: Annotated[str | None, typer.Option(
+        "--mirror", metavar="URL", help="A registry mirror: /v2/, and with --bundle every image.")] = None,
+    ca: Annotated[Path | None, typer.Option("--ca", help="The mirror's CA file.")] = None,
+    plain_http: Annotated[bool, typer.Option("--plain-http", help="The mirror speaks HTTP.")] = False,
+    creds: Annotated[str | None, typer.Option("--creds", metavar="USER:PASS",
+                                              help="The mirror's credentials.")] = None,
+    bundle: Annotated[Path | None, typer.Option(
+        "--bundle", help="A bundle (or image tar, or OCI layout): its images, registries, sizes.")] = None,
+    etcd: Annotated[bool, typer.Option("--etcd", help="Also port 12379 (a non-HA etcd cluster).")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, metavar="S",
+                                           help="Seconds to wait for each answer.")] = 3.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every check as JSON.")] = False,
+) -> None:
+    """Check that this node can run MicroK8s: routes, ports, peers, proxy, mirror, disk, snapd.
+
+    Exit code 0 when no check FAILs, 1 otherwise.
+    """
+    from gapkit.node.check import CheckOptions, check_node, parse_creds, parse_peers, parse_registries
+
+    options = CheckOptions(parse_peers(peers), proxy, parse_registries(registries), upstream_ca,
+                           mirror, ca, plain_http, parse_creds(creds), bundle, etcd, timeout)
+    report = asyncio.run(check_node(options))
+    if as_json:
+        ui.stdout.print_json(json.dumps(report.to_json()))
+    else:
+        ui.render_node_check(report, _wide_stdout())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@node_app.command("listen")
+def node_listen_command(
+    ports: Annotated[list[str], typer.Option(
+        "--ports", metavar="PORT[/udp],...",
+        help="Ports to hold open (default: every port MicroK8s nodes reach each other on).")] = [],  # noqa: B006
+    etcd: Annotated[bool, typer.Option("--etcd", help="Also port 12379.")] = False,
+    address: Annotated[str, typer.Option("--address", metavar="ADDR")] = "0.0.0.0",
+    duration: Annotated[float | None, typer.Option(
+        "--duration", metavar="S", min=0, help="Stop after S seconds (default: at Ctrl-C).")] = None,
+) -> None:
+    """Answer on MicroK8s' ports, so `gapkit node check --peers` can pass before it is installed."""
+    from gapkit.node.listen import listen
+    from gapkit.node.ports import node_ports, parse_ports
+
+    chosen = parse_ports(ports) or node_ports(etcd)
+    try:
+        report = asyncio.run(listen(chosen, address, duration, ui.render_listening))
+    except KeyboardInterrupt:
+        ui.stderr.print("stopped", highlight=False)
+        return
+    ui.stderr.print(f"stopped; {report.connections} connection(s) answered", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into messages and exit codes."""
     try:

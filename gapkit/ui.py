@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from gapkit.bundle.create import CreateReport
     from gapkit.bundle.inspect import BundleSummary
     from gapkit.bundle.verify import VerifyReport
+    from gapkit.node.configure import ConfigureResult
+    from gapkit.node.images import ImportReport
     from gapkit.registry.server import ServeInfo
 
 stderr = Console(stderr=True, soft_wrap=True)
@@ -172,3 +174,27 @@ def render_serving(info: ServeInfo) -> None:
         out.print(f"(copy {escape(str(info.tls.ca))} beside each hosts.toml as ca.crt)",
                   highlight=False)
     out.print("Ctrl-C stops the server; one access log line per request follows.", highlight=False)
+
+
+def render_configured(result: ConfigureResult) -> None:
+    """The plan (diffs, commands, notes), then what was done."""
+    stdout.print(result.plan.render(), markup=False, highlight=False, end="")
+    applied = result.applied
+    if applied is None:
+        stderr.print("dry run: nothing was written or run", highlight=False)
+    elif not applied.changed:
+        stderr.print("nothing changed: the node is already configured so", highlight=False)
+    else:
+        stderr.print(f"wrote {len(applied.written)} file(s)"
+                     + (f", backed up {len(applied.backups)} beside them" if applied.backups else "")
+                     + "".join(f"; ran `{' '.join(r.argv)}`" for r in applied.ran),
+                     highlight=False, markup=False)
+
+
+def render_images_imported(report: ImportReport) -> None:
+    for image in report.images:
+        stdout.print(f"{image.name}@{image.found}", highlight=False, markup=False, soft_wrap=True)
+    stderr.print(f"{len(report.images)} image(s) imported into MicroK8s {report.version} on "
+                 f"{report.node} ({report.platform}) with `{' '.join(report.command)}` from "
+                 f"{report.fed}; each is listed by `microk8s ctr image ls`",
+                 highlight=False, markup=False)

@@ -4,8 +4,10 @@ As in pyinfra and Terraform, node functions read the current state (through a `R
 return a `Plan`; nothing is changed while planning. A plan prints as a unified diff
 (`--dry-run`), and `apply()` carries it out through the same runner: each file is written
 atomically (temp file, fsync, rename) after its previous content is backed up, and commands
-marked `only_if_changed` run only when a file really changed, so applying a plan twice changes
-nothing the second time and says so.
+marked `only_if_changed` run only when a file really changed (or, with `when_changed`, only
+when one of the named files changed), so applying a plan twice changes nothing the second time
+and says so. If a write fails, the files already written are put back as they were (and their
+backups removed), so a failed apply leaves every file as it found it.
 
 Runners: `LocalRunner` here (with `root`, every path is under that folder: for tests and for
 preparing an image); the SSH runner lives in `gapkit.cluster`.
@@ -62,6 +64,8 @@ class Command:
     why: str = ""
     #: Run only when a file of the plan changed (a restart after a config edit).
     only_if_changed: bool = True
+    #: With `only_if_changed`: run only when one of these files changed (not just any file).
+    when_changed: tuple[PurePosixPath, ...] = ()
 
     def __str__(self) -> str:
         return " ".join(self.argv)
@@ -74,6 +78,9 @@ class Plan:
     commands: list[Command] = field(default_factory=list)
     #: Things the operator should know that the plan does not change (left-alone files...).
     notes: list[str] = field(default_factory=list)
+    #: What planning found wrong and left alone (an unreadable file...): the plan does the rest,
+    #: and the command reports failure at the end.
+    problems: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -81,8 +88,9 @@ class Plan:
             not c.only_if_changed for c in self.commands)
 
     def commands_to_run(self) -> list[Command]:
-        files_changed = any(w.changed for w in self.writes)
-        return [c for c in self.commands if files_changed or not c.only_if_changed]
+        changed = {w.path for w in self.writes if w.changed}
+        return [c for c in self.commands if not c.only_if_changed
+                or (changed and not c.when_changed) or changed.intersection(c.when_changed)]
 
     def render(self) -> str:
         """The plan as a person reads it: diffs, then commands, then notes."""
@@ -98,9 +106,21 @@ class Plan:
         for command in self.commands_to_run():
             out.append(f"$ {command}" + (f"    # {command.why}" if command.why else ""))
         out += [f"# note: {note}" for note in self.notes]
+        out += [f"# problem: {problem}" for problem in self.problems]
         if not self.changed:
             out.append("# nothing to change")
         return "\n".join(out) + "\n"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "node": self.node,
+            "changed": self.changed,
+            "writes": [{"path": str(w.path), "changed": w.changed, "created": w.old is None,
+                        "why": w.why, "diff": w.diff()} for w in self.writes],
+            "commands": [{"argv": list(c.argv), "why": c.why} for c in self.commands_to_run()],
+            "notes": list(self.notes),
+            "problems": list(self.problems),
+        }
 
 
 @dataclass
@@ -124,7 +144,16 @@ class Runner(Protocol):
         """Replace the file atomically (temp file in the same folder, fsync, rename)."""
         ...
 
-    async def run(self, argv: Sequence[str], stdin: bytes | None = None) -> CommandResult:
+    async def remove_file(self, path: PurePosixPath) -> None:
+        """Remove the file; a file that is not there is no error."""
+        ...
+
+    async def list_dir(self, path: PurePosixPath) -> list[str] | None:
+        """Names in the folder, sorted; None when it does not exist."""
+        ...
+
+    async def run(self, argv: Sequence[str], stdin: bytes | Path | None = None) -> CommandResult:
+        """Run a command; `stdin` is bytes, or a local file streamed to it (a large tar)."""
         ...
 
 
@@ -139,33 +168,75 @@ class ApplyReport:
     def changed(self) -> bool:
         return bool(self.written or self.ran)
 
+    def to_json(self) -> dict[str, object]:
+        return {"node": self.node, "changed": self.changed,
+                "written": [str(p) for p in self.written],
+                "backups": [str(p) for p in self.backups],
+                "ran": [{"argv": list(r.argv), "returncode": r.returncode} for r in self.ran]}
+
 
 def backup_path(path: PurePosixPath, stamp: str) -> PurePosixPath:
     return path.with_name(f"{path.name}{BACKUP_SUFFIX}{stamp}")
+
+
+async def _roll_back(done: list[tuple[FileWrite, PurePosixPath | None]], runner: Runner) -> list[str]:
+    """Put back what `apply` wrote, newest first; what could not be put back, as messages."""
+    left = []
+    for write, backup in reversed(done):
+        try:
+            if write.old is None:
+                await runner.remove_file(write.path)
+            else:
+                await runner.write_file(write.path, write.old, write.mode)
+            if backup is not None:
+                await runner.remove_file(backup)
+        except NodeError as exc:
+            left.append(f"{write.path} ({exc.message}; backup: {backup})")
+    return left
 
 
 async def apply(plan: Plan, runner: Runner) -> ApplyReport:
     """Carry out `plan`: back up and atomically write each changed file, then run commands.
 
     Files are checked again just before writing: if one changed since the plan was made, the
-    plan is stale and nothing more is written.
+    plan is stale and nothing more is written. When a write fails (or a file is stale), the
+    files written so far get their old content back and the new backups are removed, so the
+    node is left as it was; the error says so (or names what could not be put back).
     """
     report = ApplyReport(plan.node)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    for write in plan.writes:
-        if not write.changed:
-            continue
-        current = await runner.read_file(write.path)
-        if current != write.old:
-            raise NodeError(
-                f"{plan.node}: {write.path} changed while gapkit was planning",
-                hint="run the command again to plan from what is there now")
-        if current is not None:
-            backup = backup_path(write.path, stamp)
-            await runner.write_file(backup, current, 0o600)
-            report.backups.append(backup)
-        await runner.write_file(write.path, write.content, write.mode)
-        report.written.append(write.path)
+    done: list[tuple[FileWrite, PurePosixPath | None]] = []
+    stray: PurePosixPath | None = None  # a backup written for a file whose write then failed
+    try:
+        for write in plan.writes:
+            if not write.changed:
+                continue
+            current = await runner.read_file(write.path)
+            if current != write.old:
+                raise NodeError(
+                    f"{plan.node}: {write.path} changed while gapkit was planning",
+                    hint="run the command again to plan from what is there now")
+            backup = None
+            if current is not None:
+                backup = backup_path(write.path, stamp)
+                await runner.write_file(backup, current, 0o600)
+                stray = backup
+            await runner.write_file(write.path, write.content, write.mode)
+            stray = None
+            done.append((write, backup))
+            report.written.append(write.path)
+            if backup is not None:
+                report.backups.append(backup)
+    except NodeError as exc:
+        left = await _roll_back(done, runner)
+        if stray is not None:
+            with contextlib.suppress(NodeError):
+                await runner.remove_file(stray)
+        if left:
+            raise NodeError(exc.message + "; could not put back: " + "; ".join(left),
+                            hint="restore those files from their backups by hand") from None
+        put_back = f"; the {len(done)} file(s) written before were put back" if done else ""
+        raise NodeError(exc.message + put_back, hint=exc.hint) from None
     for command in plan.commands_to_run():
         result = await runner.run(command.argv)
         report.ran.append(result)
@@ -225,13 +296,37 @@ class LocalRunner:
             raise NodeError(f"{self.name}: cannot write {shown}: {exc.strerror}",
                             hint="check the folder exists and is writable (run as root?)") from None
 
-    async def run(self, argv: Sequence[str], stdin: bytes | None = None) -> CommandResult:
+    async def remove_file(self, path: PurePosixPath) -> None:
         try:
-            process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else None,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        except FileNotFoundError:
-            return CommandResult(tuple(argv), 127, "", f"{argv[0]}: command not found")
-        out, err = await process.communicate(stdin)
+            await asyncio.to_thread(self.local(path).unlink, True)
+        except OSError as exc:
+            raise NodeError(f"{self.name}: cannot remove {path}: {exc.strerror}") from None
+
+    async def list_dir(self, path: PurePosixPath) -> list[str] | None:
+        try:
+            return sorted(await asyncio.to_thread(os.listdir, self.local(path)))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise NodeError(f"{self.name}: cannot list {path}: {exc.strerror}") from None
+
+    async def run(self, argv: Sequence[str], stdin: bytes | Path | None = None) -> CommandResult:
+        with contextlib.ExitStack() as stack:
+            if isinstance(stdin, Path):
+                try:
+                    source: int | None = stack.enter_context(open(stdin, "rb")).fileno()
+                except OSError as exc:
+                    raise NodeError(f"cannot read {stdin}: {exc.strerror}") from None
+                data = None
+            else:
+                source = asyncio.subprocess.PIPE if stdin is not None else None
+                data = stdin
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *argv, stdin=source, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE)
+            except FileNotFoundError:
+                return CommandResult(tuple(argv), 127, "", f"{argv[0]}: command not found")
+            out, err = await process.communicate(data)
         return CommandResult(tuple(argv), process.returncode or 0, out.decode(errors="replace"),
                              err.decode(errors="replace"))

@@ -116,8 +116,15 @@ def plan_push(images: list[Reference], target: PushTarget,
 
 def hosts_files(upstreams: list[str], target: PushTarget, scheme: str, upstream_prefix: bool,
                 ca: bool, credentials: tuple[str, str] | None, skip_verify: bool = False,
-                certs_d: str = MICROK8S_CERTS_D) -> dict[str, str]:
-    """The hosts.toml each node needs for each upstream, for this target and layout."""
+                certs_d: str = MICROK8S_CERTS_D, *, fallback: bool = True,
+                relative_ca: bool = False) -> dict[str, str]:
+    """The hosts.toml each node needs for each upstream, for this target and layout.
+
+    With `relative_ca`, the CA is named `ca.crt`: containerd (1.5 and newer) reads a relative
+    path from the hosts.toml's own folder, so the file works wherever certs.d is (a node, an
+    image prepared under a root folder, `ctr --hosts-dir`). `fallback=False` keeps containerd
+    off the upstream when the mirror fails (see `render`).
+    """
     out = {}
     for upstream in sorted(upstreams):
         folder = target.path(upstream) if upstream_prefix else target.prefix
@@ -125,9 +132,10 @@ def hosts_files(upstreams: list[str], target: PushTarget, scheme: str, upstream_
             mirror_url, override = f"{scheme}://{target.host}/v2/{folder}", True
         else:
             mirror_url, override = f"{scheme}://{target.host}", False
-        mirror = Mirror(mirror_url, ca=f"{certs_d}/{upstream}/ca.crt" if ca else None,
-                        skip_verify=skip_verify, override_path=override, credentials=credentials)
-        out[upstream] = render(upstream, [mirror])
+        ca_path = ("ca.crt" if relative_ca else f"{certs_d}/{upstream}/ca.crt") if ca else None
+        mirror = Mirror(mirror_url, ca=ca_path, skip_verify=skip_verify, override_path=override,
+                        credentials=credentials)
+        out[upstream] = render(upstream, [mirror], fallback=fallback)
     return out
 
 
