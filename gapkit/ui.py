@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -19,6 +20,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from gapkit.oci.copy import BlobFinished, BlobProgress, BlobStarted, CopyEvent, EventHandler, ImageCopied
 
@@ -26,8 +28,10 @@ if TYPE_CHECKING:
     from gapkit.bundle.create import CreateReport
     from gapkit.bundle.inspect import BundleSummary
     from gapkit.bundle.verify import VerifyReport
+    from gapkit.node.check import CheckReport
     from gapkit.node.configure import ConfigureResult
     from gapkit.node.images import ImportReport
+    from gapkit.node.listen import ListenReport
     from gapkit.registry.server import ServeInfo
 
 stderr = Console(stderr=True, soft_wrap=True)
@@ -198,3 +202,47 @@ def render_images_imported(report: ImportReport) -> None:
                  f"{report.node} ({report.platform}) with `{' '.join(report.command)}` from "
                  f"{report.fed}; each is listed by `microk8s ctr image ls`",
                  highlight=False, markup=False)
+
+
+_STATUS_STYLE = {"PASS": "bold green", "WARN": "bold yellow", "FAIL": "bold red"}
+_PORT_STYLE = {"connected": "green", "free": "green", "refused": "red", "timed out": "red",
+               "unreachable": "red", "error": "red", "no answer": "yellow"}
+
+
+def render_node_check(report: CheckReport, out: Console | None = None) -> None:
+    """The checks as a table (status, what was found, the fix), then the node x port matrix."""
+    out = out or stdout
+    table = Table("CHECK", "STATUS", "DETAIL", "FIX", box=box.SIMPLE_HEAD, show_edge=False,
+                  title=f"gapkit node check on {escape(report.node)}", title_justify="left")
+    for check in report.checks:
+        table.add_row(escape(check.name), Text(check.status, style=_STATUS_STYLE[check.status]),
+                      Text(check.detail, overflow="fold"), Text(check.fix, overflow="fold"))
+    out.print(table)
+    matrix = report.matrix
+    if matrix is not None and matrix.peers:
+        grid = Table("NODE", *(p.label for p in matrix.ports), box=box.SIMPLE_HEAD, show_edge=False,
+                     title="ports (this node's own, then each peer as seen from here)",
+                     title_justify="left")
+        grid.add_row("this node", *(Text(matrix.local[p.label].label,
+                                         style=_PORT_STYLE.get(matrix.local[p.label].state, "yellow"))
+                                    for p in matrix.ports))
+        for peer, probes in matrix.peers.items():
+            grid.add_row(escape(peer), *(Text(probes[p.label].state,
+                                              style=_PORT_STYLE.get(probes[p.label].state, ""))
+                                         for p in matrix.ports))
+        out.print(grid)
+    counts = report.counts()
+    style = "bold red" if counts["FAIL"] else ("bold yellow" if counts["WARN"] else "bold green")
+    stderr.print(f"[{style}]{counts['PASS']} passed, {counts['WARN']} warning(s), "
+                 f"{counts['FAIL']} failed[/]", highlight=False)
+
+
+def render_listening(report: ListenReport) -> None:
+    """`gapkit node listen`'s start line (on stdout, flushed: scripts wait for it)."""
+    until = f"for {report.duration:g} s" if report.duration is not None else "until Ctrl-C"
+    stdout.print(f"listening on {report.address}: "
+                 f"{', '.join(p.label for p in report.listening)} ({until})",
+                 highlight=False, markup=False)
+    for label, why in report.skipped.items():
+        warning(f"{label} not held: {why}")
+    stdout.file.flush()
