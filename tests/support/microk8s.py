@@ -25,10 +25,12 @@ The stand-in scripts import only this module and the standard library, so they s
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +98,13 @@ class StandInMicroK8s:
             return []
         return [json.loads(line)["argv"] for line in self.calls_file.read_text().splitlines()]
 
+    def imports(self) -> list[dict[str, object]]:
+        """What each `microk8s images import` received: `bytes` and tar `members`."""
+        path = self.root / "imports.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
     def restarts(self) -> int:
         return sum(1 for call in self.calls() if call[:3] == ["snap", "restart", "microk8s"])
 
@@ -108,7 +117,7 @@ def stand_in_main(root: str, program: str, argv: list[str]) -> int:
         log.write(json.dumps({"argv": [program, *argv]}) + "\n")
     if program == "snap":
         return _snap(state, argv)
-    return _microk8s(state, argv)
+    return _microk8s(state_dir, state, argv)
 
 
 def _snap(state: dict[str, object], argv: list[str]) -> int:
@@ -135,7 +144,7 @@ def _ctr_argv(state: dict[str, object], args: list[str]) -> list[str]:
     return ["ctr", "--address", str(address), "--namespace", "k8s.io", *args]
 
 
-def _microk8s(state: dict[str, object], argv: list[str]) -> int:
+def _microk8s(state_dir: Path, state: dict[str, object], argv: list[str]) -> int:
     if argv == ["version"]:
         print(f"MicroK8s {state['version']} revision {state['revision']}")
         return 0
@@ -145,6 +154,9 @@ def _microk8s(state: dict[str, object], argv: list[str]) -> int:
         source = argv[2] if len(argv) > 2 else "-"
         data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
         print("Importing images to 1 node(s)" if source == "-" else f"Importing {source}")
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar, \
+                open(state_dir / "imports.jsonl", "a") as log:
+            log.write(json.dumps({"bytes": len(data), "members": tar.getnames()}) + "\n")
         if state.get("fail_imports"):
             data = data[: len(data) // 2]
         proc = subprocess.run(
