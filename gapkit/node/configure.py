@@ -30,6 +30,7 @@ alone; the rest is still done and the command exits 1.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 import shlex
@@ -290,8 +291,11 @@ async def _plan_mirror(runner: Runner, mirror: MirrorOptions, plan: Plan) -> Non
                         mirror.ca_file is not None, mirror.credentials, mirror.skip_verify,
                         fallback=mirror.fallback, relative_ca=True)
     ca = mirror.ca_file.read_bytes() if mirror.ca_file is not None else None
-    # hosts.toml with an Authorization header holds a password: root only.
+    # hosts.toml with an Authorization header holds a password: root only, and not in diffs.
     mode = 0o600 if mirror.credentials else 0o644
+    secrets: tuple[str, ...] = ()
+    if mirror.credentials:
+        secrets = (base64.b64encode(":".join(mirror.credentials).encode()).decode(),)
     for upstream, text in files.items():
         folder = CERTS_D / directory_name(upstream)
         path = folder / "hosts.toml"
@@ -308,7 +312,8 @@ async def _plan_mirror(runner: Runner, mirror: MirrorOptions, plan: Plan) -> Non
             plan.writes.append(FileWrite(ca_path, ca, await runner.read_file(ca_path), 0o644,
                                          why=f"the mirror's CA for {upstream}"))
         plan.writes.append(FileWrite(path, text.encode(), old, mode,
-                                     why=f"pull {upstream} images through {mirror.url}"))
+                                     why=f"pull {upstream} images through {mirror.url}",
+                                     redact=secrets))
     ours = {directory_name(u) for u in files}
     for name in await runner.list_dir(CERTS_D) or []:
         if name not in ours and not name.startswith("."):
@@ -387,8 +392,12 @@ async def _plan_proxy(runner: Runner, proxy: ProxyOptions, mirror: MirrorOptions
         raise NodeError(f"{runner.name}: {CONTAINERD_ENV} is not UTF-8 text; left as it is",
                         hint="look at the file; it should be a shell file") from None
     content = set_env_vars(text, wanted, _ENV_HEADER)
-    plan.writes.append(FileWrite(CONTAINERD_ENV, content.encode(), old, 0o644,
-                                 why=f"containerd pulls through the proxy {_redacted(proxy.url)}"))
+    password = urllib.parse.urlsplit(proxy.url).password
+    # A proxy password makes the file root-only, and stays out of diffs.
+    plan.writes.append(FileWrite(CONTAINERD_ENV, content.encode(), old,
+                                 0o600 if password else 0o644,
+                                 why=f"containerd pulls through the proxy {_redacted(proxy.url)}",
+                                 redact=(password,) if password else ()))
 
 
 def _redacted(url: str) -> str:

@@ -40,16 +40,25 @@ class FileWrite:
     old: bytes | None
     mode: int = 0o644
     why: str = ""
+    #: Secrets in the content (a password, a token) shown as `***` in the diff.
+    redact: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
         return self.old != self.content
 
+    def _shown(self, data: bytes) -> str:
+        text = data.decode("utf-8", "replace")
+        for secret in self.redact:
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
     def diff(self) -> str:
         if not self.changed:
             return ""
-        old = (self.old or b"").decode("utf-8", "replace").splitlines(keepends=True)
-        new = self.content.decode("utf-8", "replace").splitlines(keepends=True)
+        old = self._shown(self.old or b"").splitlines(keepends=True)
+        new = self._shown(self.content).splitlines(keepends=True)
         fromfile = str(self.path) if self.old is not None else "/dev/null"
         lines = difflib.unified_diff(old, new, fromfile=fromfile, tofile=str(self.path))
         text = "".join(line if line.endswith("\n") else line + "\n" for line in lines)

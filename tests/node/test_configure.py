@@ -23,6 +23,7 @@ certs.d/localhost:32000 (renamed as the install hook does).
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -153,6 +154,28 @@ def test_dry_run_shows_every_upstream_and_the_proxy_and_writes_nothing(
     assert "dry run" in out.stderr
     assert files(root) == before
     assert microk8s.calls() == []
+
+
+def test_dry_run_json_keeps_passwords_out_and_the_files_root_only(
+        root: Path, microk8s: StandInMicroK8s) -> None:
+    args = ["--mirror", "http://10.0.0.5:5000", "--creds", "site:Mirr0rPass", "--registries",
+            "docker.io", "--proxy", "http://proxy-user:Pr0xyPass@proxy.lan:3128",
+            "--node-address", "198.51.100.10"]
+    token = base64.b64encode(b"site:Mirr0rPass").decode()
+    out = configure(root, *args, "--dry-run", "--json")
+    plan = json.loads(out.stdout)["plan"]
+    assert json.loads(out.stdout)["applied"] is None
+    assert [w["path"] for w in plan["writes"]] == [
+        "/var/snap/microk8s/current/args/certs.d/docker.io/hosts.toml", str(CONTAINERD_ENV)]
+    assert plan["commands"] == [{"argv": ["snap", "restart", "microk8s"],
+                                 "why": "containerd reads containerd-env only when it starts"}]
+    for text in (out.stdout, configure(root, *args, "--dry-run").stdout):
+        assert "Pr0xyPass" not in text and token not in text and "***" in text
+    configure(root, *args)
+    hosts = certs(root) / "docker.io/hosts.toml"
+    env = node_path(root, CONTAINERD_ENV)
+    assert token in hosts.read_text() and "proxy-user:Pr0xyPass@" in env.read_text()
+    assert hosts.stat().st_mode & 0o777 == 0o600 and env.stat().st_mode & 0o777 == 0o600
 
 
 def test_apply_twice_changes_nothing_the_second_time_and_restarts_once(
