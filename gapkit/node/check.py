@@ -738,9 +738,17 @@ def mirror_ping_check(mirror: MirrorURL, answer: MirrorAnswer, ca: Path | None,
                  "point --mirror at the registry's root URL", area="mirror")
 
 
+def _why_missing(found: ImageOnMirror) -> str:
+    """Nothing for a plain 404; otherwise what the mirror answered instead."""
+    answer = found.ns
+    if answer.status == 404:
+        return ""
+    return f" ({answer.error or answer.status})"
+
+
 def mirror_images_check(mirror: MirrorURL, found: Sequence[ImageOnMirror]) -> Check:
     name = "mirror images"
-    missing = [f.reference for f in found if f.layout is None]
+    missing = [f.reference + _why_missing(f) for f in found if f.layout is None]
     flat_only = [f.reference for f in found if f.layout == "flat-only"]
     layouts = Counter(f.layout for f in found if f.layout)
     different = [f.reference for f in found
@@ -900,7 +908,9 @@ async def read_bundle_facts(path: Path) -> BundleFacts:
         images = []
         for ref in refs:
             descriptor = await source.store.head_manifest(ref)
-            images.append((ref, str(descriptor.digest) if descriptor else ""))
+            # Layouts name images with tag and digest; the tag is what a mirror is asked for.
+            shown = ref.with_digest(None) if ref.tag else ref
+            images.append((shown, str(descriptor.digest) if descriptor else ""))
         size = (sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
                 if path.is_dir() else path.stat().st_size)
         return BundleFacts(path, images, None, 0, size)
@@ -968,10 +978,14 @@ async def check_node(options: CheckOptions, runner: Runner | None = None) -> Che
                                options.timeout) as client:
             answer = await client.ping()
             checks = [mirror_ping_check(mirror, answer, options.ca, options.creds is not None)]
-            if bundle is not None and answer.status in (200, 401):
+            if bundle is not None and answer.status == 200:
                 found = await asyncio.gather(*(client.find_image(ref, digest)
                                                for ref, digest in bundle.images))
                 checks.append(mirror_images_check(mirror, found))
+            elif bundle is not None:
+                checks.append(Check("mirror images", "WARN",
+                                    f"not checked: {mirror.base}/v2/ did not answer 200",
+                                    "fix the mirror /v2/ check first", area="mirror"))
             return checks
 
     async def proxy_work() -> list[Check]:
