@@ -214,10 +214,18 @@ def render_node_check(report: CheckReport, out: Console | None = None) -> None:
     out = out or stdout
     table = Table("CHECK", "STATUS", "DETAIL", "FIX", box=box.SIMPLE_HEAD, show_edge=False,
                   title=f"gapkit node check on {escape(report.node)}", title_justify="left")
+    long_fixes = []
     for check in report.checks:
+        first, _, more = check.fix.partition("\n")
+        if more:
+            long_fixes.append(check)
+            first += " (the whole fix is below)"
         table.add_row(escape(check.name), Text(check.status, style=_STATUS_STYLE[check.status]),
-                      Text(check.detail, overflow="fold"), Text(check.fix, overflow="fold"))
+                      Text(check.detail, overflow="fold"), Text(first, overflow="fold"))
     out.print(table)
+    for check in long_fixes:  # snippets to copy: printed whole, never folded into a cell
+        out.print(f"\nfix for {escape(check.name)}:", style="bold", highlight=False)
+        out.print(check.fix, markup=False, highlight=False, soft_wrap=True)
     matrix = report.matrix
     if matrix is not None and matrix.peers:
         grid = Table("NODE", *(p.label for p in matrix.ports), box=box.SIMPLE_HEAD, show_edge=False,
