@@ -289,7 +289,7 @@ async def _plan_mirror(runner: Runner, mirror: MirrorOptions, plan: Plan) -> Non
                 "component of the mirror", hint="push and configure without --upstream-prefix")
     files = hosts_files(upstreams, mirror.target, mirror.scheme, mirror.upstream_prefix,
                         mirror.ca_file is not None, mirror.credentials, mirror.skip_verify,
-                        fallback=mirror.fallback, relative_ca=True)
+                        fallback=mirror.fallback)
     ca = mirror.ca_file.read_bytes() if mirror.ca_file is not None else None
     # hosts.toml with an Authorization header holds a password: root only, and not in diffs.
     mode = 0o600 if mirror.credentials else 0o644

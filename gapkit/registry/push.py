@@ -116,12 +116,11 @@ def plan_push(images: list[Reference], target: PushTarget,
 
 def hosts_files(upstreams: list[str], target: PushTarget, scheme: str, upstream_prefix: bool,
                 ca: bool, credentials: tuple[str, str] | None, skip_verify: bool = False,
-                certs_d: str = MICROK8S_CERTS_D, *, fallback: bool = True,
-                relative_ca: bool = False) -> dict[str, str]:
+                *, fallback: bool = True) -> dict[str, str]:
     """The hosts.toml each node needs for each upstream, for this target and layout.
 
-    With `relative_ca`, the CA is named `ca.crt`: containerd (1.5 and newer) reads a relative
-    path from the hosts.toml's own folder, so the file works wherever certs.d is (a node, an
+    The CA is named `ca.crt`, beside hosts.toml: containerd (1.5 and newer) reads a relative
+    path from the hosts.toml's own folder, so one file works wherever certs.d is (a node, an
     image prepared under a root folder, `ctr --hosts-dir`). `fallback=False` keeps containerd
     off the upstream when the mirror fails (see `render`).
     """
@@ -132,7 +131,7 @@ def hosts_files(upstreams: list[str], target: PushTarget, scheme: str, upstream_
             mirror_url, override = f"{scheme}://{target.host}/v2/{folder}", True
         else:
             mirror_url, override = f"{scheme}://{target.host}", False
-        ca_path = ("ca.crt" if relative_ca else f"{certs_d}/{upstream}/ca.crt") if ca else None
+        ca_path = "ca.crt" if ca else None
         mirror = Mirror(mirror_url, ca=ca_path, skip_verify=skip_verify, override_path=override,
                         credentials=credentials)
         out[upstream] = render(upstream, [mirror], fallback=fallback)
@@ -176,9 +175,8 @@ async def push_source(
 ) -> PushReport:
     """`gapkit registry push SOURCE --to TARGET`: SOURCE is a bundle, layout or image tar.
 
-    With `hosts_dir`, the hosts.toml files (and the CA) are also written under it, naming the
-    CA by its path there: a certs.d folder to copy to the nodes, or to use with
-    `ctr image pull --hosts-dir`.
+    With `hosts_dir`, the hosts.toml files (and the CA beside each) are also written under it:
+    a certs.d folder to copy to the nodes, or to use with `ctr image pull --hosts-dir`.
     """
     target = PushTarget.parse(target_text)
     opened = await open_image_source(source_path)
@@ -191,9 +189,5 @@ async def push_source(
     finally:
         await opened.store.close()
     if hosts_dir is not None:
-        scheme = "http" if options.plain_http else "https"
-        local = hosts_files(list(report.hosts_toml), target, scheme, upstream_prefix,
-                            options.ca_file is not None, options.credentials, options.skip_verify,
-                            certs_d=str(hosts_dir.resolve()))
-        write_hosts_dir(hosts_dir, local, options.ca_file)
+        write_hosts_dir(hosts_dir, report.hosts_toml, options.ca_file)
     return report

@@ -148,11 +148,11 @@ class ServeInfo:
     def hosts_toml(self) -> dict[str, str]:
         """The hosts.toml each node needs for each upstream, pointing at `url`."""
         from gapkit.node.hosts_toml import Mirror, render
-        from gapkit.registry.push import MICROK8S_CERTS_D
 
         out = {}
         for upstream in self.registries:
-            ca = f"{MICROK8S_CERTS_D}/{upstream}/ca.crt" if self.tls and self.tls.ca else None
+            # The CA is copied beside each hosts.toml; containerd reads a relative `ca` there.
+            ca = "ca.crt" if self.tls and self.tls.ca else None
             headers = {"Authorization": "Basic <base64 of user:password>"} if self.auth else {}
             out[upstream] = render(upstream, [Mirror(self.url, ca=ca, headers=headers)])
         return out

@@ -102,10 +102,9 @@ def test_upstream_prefix_push_over_tls_with_credentials(
         text = (hosts / "docker.io" / "hosts.toml").read_text()
         assert f'[host."https://{registry.host}/v2/mirror/docker.io"]' in text
         assert "override_path = true" in text
-        assert f'ca = "{hosts.resolve()}/docker.io/ca.crt"' in text
+        assert 'ca = "ca.crt"' in text
         assert (hosts / "docker.io" / "ca.crt").read_bytes() == ca.ca_cert.read_bytes()
-        printed = report["hosts_toml"]["docker.io"]
-        assert '"/var/snap/microk8s/current/args/certs.d/docker.io/ca.crt"' in printed
+        assert report["hosts_toml"]["docker.io"] == text
         pull_all(containerd, hosts, source.digests)
     finally:
         registry.stop()
