@@ -77,3 +77,7 @@ class BundleError(GapkitError):
 
 class NodeError(GapkitError):
     """Something on a node is missing, wrong, or could not be changed."""
+
+
+class ClusterError(GapkitError):
+    """A cluster-wide step (install on several nodes, join, wait for Ready) did not complete."""
