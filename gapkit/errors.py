@@ -81,3 +81,20 @@ class NodeError(GapkitError):
 
 class ClusterError(GapkitError):
     """A cluster-wide step (install on several nodes, join, wait for Ready) did not complete."""
+
+
+class NodeStepError(ClusterError, NodeError):
+    """A step on one node of a cluster failed (unreachable, refused key, timeout, a command).
+
+    `node` and `step` name where; `output` holds what the command printed, when there was one.
+    Both a ClusterError and a NodeError (so `plan.apply` puts files back when a write over SSH
+    fails).
+    """
+
+    def __init__(self, node: str, step: str, message: str, hint: str | None = None,
+                 output: str = "") -> None:
+        super().__init__(f"{node}: {step}: {message}", hint)
+        self.node = node
+        self.step = step
+        self.detail = message
+        self.output = output

@@ -1,0 +1,1 @@
+"""Many nodes at once: the inventory, runners (SSH), fan-out, `cluster check`, `cluster status`."""
