@@ -491,6 +491,61 @@ def node_listen_command(
     ui.stderr.print(f"stopped; {report.connections} connection(s) answered", highlight=False)
 
 
+cluster_app = typer.Typer(name="cluster", no_args_is_help=True,
+                          help="Many nodes at once, over SSH: check, status (and up).")
+app.add_typer(cluster_app, name="cluster")
+InventoryOption = Annotated[Path, typer.Option(
+    "--inventory", "-i", metavar="FILE", help="The inventory: nodes, SSH settings, images.")]
+
+
+@cluster_app.command("check")
+def cluster_check_command(
+    inventory: InventoryOption,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, metavar="S",
+                                           help="Seconds to wait for each port.")] = 2.0,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Nodes at once.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every check as JSON.")] = False,
+) -> None:
+    """`node check` on every node at once, and the port matrix between them; one table.
+
+    Exit code 0 when no check FAILs, 1 otherwise.
+    """
+    from gapkit.cluster.check import check_cluster
+    from gapkit.cluster.inventory import load_inventory
+
+    report = asyncio.run(check_cluster(load_inventory(inventory), timeout, jobs))
+    if as_json:
+        ui.stdout.print_json(json.dumps(report.to_json()))
+    else:
+        ui.render_cluster_check(report, _wide_stdout())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@cluster_app.command("status")
+def cluster_status_command(
+    inventory: InventoryOption,
+    bundle: Annotated[Path | None, typer.Option(
+        "--bundle", help="Also count which of this bundle's images each node holds.")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Nodes at once.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Per node: reachable, MicroK8s version, images present, Ready.
+
+    Exit code 0 when every node is reachable and Ready, 1 otherwise.
+    """
+    from gapkit.cluster.inventory import load_inventory
+    from gapkit.cluster.status import cluster_status
+
+    report = asyncio.run(cluster_status(load_inventory(inventory), bundle, jobs))
+    if as_json:
+        ui.stdout.print_json(json.dumps(report.to_json()))
+    else:
+        ui.render_cluster_status(report, _wide_stdout())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into messages and exit codes."""
     try:

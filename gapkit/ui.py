@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from gapkit.bundle.create import CreateReport
     from gapkit.bundle.inspect import BundleSummary
     from gapkit.bundle.verify import VerifyReport
+    from gapkit.cluster.check import ClusterCheckReport
+    from gapkit.cluster.status import ClusterStatus
     from gapkit.node.check import CheckReport
     from gapkit.node.configure import ConfigureResult
     from gapkit.node.images import ImportReport
@@ -254,3 +256,76 @@ def render_listening(report: ListenReport) -> None:
     for label, why in report.skipped.items():
         warning(f"{label} not held: {why}")
     stdout.file.flush()
+
+
+def render_cluster_check(report: ClusterCheckReport, out: Console | None = None) -> None:
+    """One table: checks x nodes; what is not PASS below it; then from-node x peer x port."""
+    out = out or stdout
+    names = [n.name for n in report.nodes]
+    table = Table("CHECK", *map(escape, names), box=box.SIMPLE_HEAD, show_edge=False,
+                  title="gapkit cluster check", title_justify="left")
+    table.add_row("reachable", *(Text("FAIL", style=_STATUS_STYLE["FAIL"]) if n.report is None
+                                 else Text("PASS", style=_STATUS_STYLE["PASS"]) for n in report.nodes))
+    for name in report.check_names():
+        cells = []
+        for node in report.nodes:
+            found = [c for c in node.report.checks if c.name == name] if node.report else []
+            cells.append(Text(found[0].status, style=_STATUS_STYLE[found[0].status]) if found
+                         else Text("-", style="dim"))
+        table.add_row(escape(name), *cells)
+    out.print(table)
+    for node in report.nodes:
+        if node.report is None:
+            out.print(f"[bold red]{escape(node.name)}[/]: {escape(node.error)}", highlight=False)
+            continue
+        for check in node.report.checks:
+            if check.status != "PASS":
+                fix = f"\n    fix: {check.fix}" if check.fix else ""
+                out.print(f"[{_STATUS_STYLE[check.status]}]{check.status}[/] {escape(node.name)}: "
+                          f"{escape(check.name)}: {escape(check.detail)}{escape(fix)}",
+                          highlight=False, soft_wrap=True)
+    if report.matrix:
+        grid = Table("FROM", "TO", *(p.label for p in report.ports), box=box.SIMPLE_HEAD,
+                     show_edge=False, title="ports between nodes (probed from each node)",
+                     title_justify="left")
+        for src, peers in report.matrix.items():
+            for dst, row in peers.items():
+                grid.add_row(escape(src), escape(dst), *(
+                    Text(row[p.label].state, style=_PORT_STYLE.get(row[p.label].state, "red"))
+                    for p in report.ports))
+        out.print(grid)
+    for note in report.notes:
+        stderr.print(f"[bold]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    counts = report.counts()
+    style = "bold red" if counts["FAIL"] else ("bold yellow" if counts["WARN"] else "bold green")
+    stderr.print(f"[{style}]{counts['PASS']} passed, {counts['WARN']} warning(s), "
+                 f"{counts['FAIL']} failed[/]", highlight=False)
+
+
+def render_cluster_status(report: ClusterStatus, out: Console | None = None) -> None:
+    """Node, role, reachable, MicroK8s, images, Ready."""
+    out = out or stdout
+    table = Table("NODE", "ADDRESS", "ROLE", "REACHABLE", "MICROK8S", "IMAGES", "READY",
+                  box=box.SIMPLE_HEAD, show_edge=False, title="gapkit cluster status",
+                  title_justify="left")
+    for node in report.nodes:
+        images = "-" if node.images is None else str(node.images)
+        if node.bundle_total is not None:
+            images += f" ({node.bundle_present}/{node.bundle_total} of the bundle)"
+        ready = Text("?" if node.ready is None else node.ready_detail,
+                     style="yellow" if node.ready is None else ("green" if node.ready else "red"))
+        table.add_row(escape(node.name), node.address, node.role,
+                      Text("yes", style="green") if node.reachable else Text("no", style="red"),
+                      node.version or "-", images, ready)
+    out.print(table)
+    for node in report.nodes:
+        if node.error:
+            out.print(f"[bold red]{escape(node.name)}[/]: {escape(node.error)}", highlight=False,
+                      soft_wrap=True)
+        if node.missing:
+            out.print(f"{escape(node.name)}: missing {len(node.missing)} image(s): "
+                      f"{escape(', '.join(node.missing[:10]))}", highlight=False, soft_wrap=True)
+    if report.nodes and all(n.ready is None for n in report.nodes):
+        warning(f"Ready unknown: {report.nodes[0].ready_detail}")
+    for note in report.notes:
+        stderr.print(f"[bold]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
