@@ -114,7 +114,7 @@ class JoinReport:
     def render(self) -> str:
         out = [f"# cluster: first control-plane node {self.first}"]
         out += [f"# {name}: already in the cluster" for name in self.already]
-        out += [f"$ [{node}] {shlex.join(argv)}" for node, argv in self.commands]
+        out += [f"$ [{node}] {' '.join(argv)}" for node, argv in self.commands]
         return "\n".join(out) + "\n"
 
     def to_json(self) -> dict[str, object]:

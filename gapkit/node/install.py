@@ -234,13 +234,14 @@ async def plan_install(runner: Runner, bundle: OpenBundle, *, sideload: Path | N
         if keep:
             plan.snaps.append(SnapStep(snap.name, snap.revision, installed, ()))
             continue
-        target = SNAP_DIR / PurePosixPath(snap.file).name
+        stem = f"{snap.name}_{snap.revision}" if snap.revision else PurePosixPath(snap.file).stem
+        target = SNAP_DIR / f"{stem}.snap"
         plan.uploads.append(await _upload(runner, bundle, snap.file, target, snap.sha256,
                                           snap.size, f"the {snap.name} snap"))
         argv: list[tuple[str, ...]] = []
         has_assert = bool(snap.assertion) and snap.assertion in members
         if has_assert:
-            assert_target = SNAP_DIR / PurePosixPath(snap.assertion).name
+            assert_target = SNAP_DIR / f"{stem}.assert"
             location = bundle.store.member_location(snap.assertion)
             data = b"".join([c async for c in bundle.store.open_member(snap.assertion)])
             plan.uploads.append(await _upload(
