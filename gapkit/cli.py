@@ -546,6 +546,31 @@ def cluster_status_command(
         raise typer.Exit(1)
 
 
+@cluster_app.command("up")
+def cluster_up_command(
+    inventory: InventoryOption,
+    bundle: Annotated[Path, typer.Argument(help="The bundle (snaps and images).")],
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="Print every file and command per node; change nothing.")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Nodes installed at once.")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="The plan or report as JSON.")] = False,
+) -> None:
+    """Install MicroK8s from the bundle on every node, configure containerd, form the cluster.
+
+    Steps already done are skipped, so a rerun continues where a failed run stopped.
+    """
+    from gapkit.cluster.inventory import load_inventory
+    from gapkit.cluster.up import up_from_inventory
+
+    progress = None if as_json or plan else ui.cluster_up_progress
+    report = asyncio.run(up_from_inventory(load_inventory(inventory), bundle, plan_only=plan,
+                                           jobs=jobs, progress=progress))
+    if as_json:
+        ui.stdout.print_json(json.dumps(report.to_json()))
+    else:
+        ui.render_cluster_up(report)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into messages and exit codes."""
     try:

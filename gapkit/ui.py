@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from gapkit.bundle.verify import VerifyReport
     from gapkit.cluster.check import ClusterCheckReport
     from gapkit.cluster.status import ClusterStatus
+    from gapkit.cluster.up import UpReport
     from gapkit.node.check import CheckReport
     from gapkit.node.configure import ConfigureResult
     from gapkit.node.images import ImportReport
@@ -329,3 +330,27 @@ def render_cluster_status(report: ClusterStatus, out: Console | None = None) -> 
         warning(f"Ready unknown: {report.nodes[0].ready_detail}")
     for note in report.notes:
         stderr.print(f"[bold]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+
+
+def cluster_up_progress(node: str, step: str, detail: str) -> None:
+    """One line per step as `cluster up` goes (stderr)."""
+    stderr.print(f"[bold]{escape(node)}[/]: {escape(step)}" + (f" ({escape(detail)})"
+                 if detail else ""), highlight=False, soft_wrap=True)
+
+
+def render_cluster_up(report: UpReport) -> None:
+    """`cluster up`: the plan (every file and command per node), or what each step did."""
+    if report.planned:
+        stdout.print(escape(report.render()), highlight=False, soft_wrap=True, end="")
+        return
+    for node in report.nodes:
+        for step, state in node.steps.items():
+            stdout.print(f"{escape(node.node)}: {escape(step)}: {escape(state)}",
+                         highlight=False, soft_wrap=True)
+    if report.join is not None:
+        join = report.join
+        if join.joined:
+            stdout.print(f"joined: {', '.join(join.joined)}", highlight=False)
+        if join.already:
+            stdout.print(f"already in the cluster: {', '.join(join.already)}", highlight=False)
+        stdout.print(f"[green]Ready[/]: {', '.join(join.ready)}", highlight=False)

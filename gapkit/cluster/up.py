@@ -352,3 +352,39 @@ def _raise_failed(errors: Sequence[Any], finished: list[str], plan_only: bool) -
     lines = "\n".join(f"  {error.message}" for _, error in failed)
     raise ClusterError(f"{len(failed)} nodes failed ({', '.join(n for n, _ in failed)}):\n"
                        + lines + "\n" + tail.lstrip("; "), hint=hint)
+
+
+def options_from_inventory(inventory: Any, **overrides: Any) -> UpOptions:
+    """UpOptions from an `Inventory` (`images:` and `proxy:`), then `overrides` (jobs...)."""
+    images = inventory.images
+    return UpOptions(images_mode=images.mode if images else None,
+                     mirror=images.mirror if images else None,
+                     ca=images.ca if images else None, proxy=inventory.proxy, **overrides)
+
+
+def nodes_from_inventory(inventory: Any) -> list[ClusterNode]:
+    return [ClusterNode(n.name, n.address, n.role) for n in inventory.nodes]
+
+
+async def up_from_inventory(inventory: Any, bundle: Path, *, plan_only: bool = False,
+                            jobs: int = DEFAULT_JOBS, progress: Progress | None = None,
+                            **overrides: Any) -> UpReport:
+    """`gapkit cluster up -i INV BUNDLE`: connect to every node over SSH, then `cluster_up`.
+
+    Every node must answer first (a cluster cannot be formed without one): the unreachable
+    ones are named together, before anything is changed.
+    """
+    from gapkit.cluster.runners import connected
+
+    options = options_from_inventory(inventory, jobs=jobs, **overrides)
+    nodes = nodes_from_inventory(inventory)
+    targets = [inventory.target(n) for n in inventory.nodes]
+    async with connected(targets, max(jobs, len(targets))) as (runners, errors):
+        if errors:
+            lines = "\n".join(f"  {e.message}" for e in errors.values())
+            raise ClusterError(f"{len(errors)} node(s) cannot be reached ({', '.join(errors)}); "
+                               f"nothing was changed:\n{lines}",
+                               hint=next(iter(errors.values())).hint or "check the inventory's "
+                               "addresses and SSH settings, then run again")
+        return await cluster_up(nodes, runners, bundle, options, plan_only=plan_only,
+                                progress=progress)
