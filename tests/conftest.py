@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.containerd import Containerd
 from tests.support.peers import Registry, TestCA
+from tests.support.sshnodes import SSHNodes
 from tests.support.upstreams import Upstreams
 
 
@@ -75,3 +76,28 @@ def upstreams(tmp_path: Path) -> Iterator[Upstreams]:
         yield stand_ins
     finally:
         stand_ins.stop()
+
+
+@pytest.fixture
+def ssh_nodes_factory(tmp_path: Path) -> Iterator[Callable[..., SSHNodes]]:
+    """Make `SSHNodes(count, stand_in={...})`: nodes in network namespaces with a real sshd
+    each, their own /etc and /var, the stand-in snap/microk8s on PATH (tests/support/sshnodes.py);
+    every one is closed (processes by PID, namespaces deleted) even when the test fails."""
+    made: list[SSHNodes] = []
+
+    def make(count: int = 3, **stand_in: object) -> SSHNodes:
+        nodes = SSHNodes(tmp_path / f"ssh-nodes-{len(made)}", count, dict(stand_in))
+        made.append(nodes)
+        return nodes.start()
+
+    try:
+        yield make
+    finally:
+        for nodes in made:
+            nodes.close()
+
+
+@pytest.fixture
+def ssh_nodes(ssh_nodes_factory: Callable[..., SSHNodes]) -> SSHNodes:
+    """Three SSH nodes (node1..node3 at 198.51.100.11-13; the jump host is 198.51.100.10)."""
+    return ssh_nodes_factory(3)
