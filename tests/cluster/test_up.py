@@ -19,20 +19,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator, Sequence
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gapkit.catalog import resolve_images
+from gapkit.cluster.inventory import load_inventory
 from gapkit.cluster.join import ClusterNode
-from gapkit.cluster.up import UpOptions, UpReport, cluster_up
+from gapkit.cluster.up import UpOptions, UpReport, cluster_up, up_from_inventory
 from gapkit.errors import ClusterError, NodeStepError
 from gapkit.node.plan import CommandResult, LocalRunner
 from tests.support.cli import gapkit
 from tests.support.microk8s import StandInMicroK8s
 from tests.support.snaps import make_snap
+from tests.support.sshnodes import SSHNodes
 from tests.support.upstreams import Upstreams
 
 RELEASE = "1.32"
@@ -277,3 +283,108 @@ def test_nodes_that_never_get_ready_are_named_after_the_timeout(
     with pytest.raises(ClusterError) as failed:
         cluster.up(options, bundle.path)
     assert "not every node is Ready: node2 (not Ready), node3 (not Ready)" in failed.value.message
+
+
+# ---- over SSH: three nodes in network namespaces, each with a real sshd ------------------------
+
+needs_netns = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or not Path("/usr/sbin/sshd").exists(),
+    reason="SSH nodes need root, iproute2 and openssh-server")
+
+PROXY = "http://198.51.100.10:3128"
+
+
+def node_calls(nodes: SSHNodes, name: str) -> list[list[str]]:
+    return [c for c in nodes.node(name).microk8s.calls()
+            if c[:2] in (["snap", "install"], ["snap", "ack"], ["microk8s", "join"],
+                         ["microk8s", "add-node"], ["snap", "restart"])]
+
+
+@needs_netns
+def test_over_ssh_snaps_and_images_travel_by_sftp_proxy_config_lands_and_the_cluster_is_ready(
+        bundle: Bundle, ssh_nodes_factory: Callable[..., SSHNodes]) -> None:
+    """The issue's acceptance test: `cluster up` on three SSH nodes (node3 a worker, reached
+    through sudo as a non-root user), side-load images and the proxy; node3's sshd killed
+    mid-run; a rerun after restarting it finishes without redoing what was done."""
+    nodes = ssh_nodes_factory(3)
+    inventory = nodes.inventory(nodes={"node3": {"role": "worker", "user": "gapkit",
+                                                 "sudo": True}},
+                                images={"mode": "sideload"}, proxy=PROXY)
+    planned = nodes.gapkit("cluster", "up", "-i", str(inventory), str(bundle.path), "--plan")
+    assert planned.returncode == 0, planned.stderr
+    assert "$ snap install /var/lib/gapkit/snaps/microk8s_7394.snap --classic" in planned.stdout
+    assert "/var/snap/microk8s/common/sideload/gapkit-images.tar: upload" in planned.stdout
+    assert "$ [node3] microk8s join 198.51.100.11:25000/<token>/<hash> --worker" in planned.stdout
+    assert all(not node_calls(nodes, n.name) for n in nodes.nodes)
+
+    def kill_node3_mid_run(node: str, step: str, detail: str) -> None:
+        if node == "node3" and step == "install core20":
+            nodes.node("node3").kill_sshd()
+
+    with nodes.from_jump(), pytest.raises(NodeStepError) as failed:
+        asyncio.run(up_from_inventory(load_inventory(inventory), bundle.path,
+                                      progress=kill_node3_mid_run))
+    assert failed.value.node == "node3"
+    assert "connection was lost" in failed.value.message or "cannot" in failed.value.message
+    assert "the cluster was not formed" in failed.value.message
+    assert nodes.node("node3").microk8s.installed() == {"snapd": "21759"}
+    assert "microk8s" in nodes.node("node1").microk8s.installed()
+    done_before = {n.name: node_calls(nodes, n.name) for n in nodes.nodes}
+
+    nodes.node("node3").start_sshd()
+    rerun = nodes.gapkit("cluster", "up", "-i", str(inventory), str(bundle.path), "--json",
+                         timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout)
+    for name in ("node1", "node2"):
+        # nothing redone: only the join sequence is new
+        new = node_calls(nodes, name)[len(done_before[name]):]
+        assert new == ([["microk8s", "add-node", "--token", ANY_TOKEN, "--token-ttl", "900"]]
+                       if name == "node1" else [["microk8s", "join", ANY_URL]])
+        steps = next(n for n in report["nodes"] if n["node"] == name)["steps"]
+        assert steps["upload"] == "skipped (all there)"
+    new3 = node_calls(nodes, "node3")[len(done_before["node3"]):]
+    assert ["snap", "install", "/var/lib/gapkit/snaps/snapd_21759.snap"] not in new3
+    assert ["snap", "install", "/var/lib/gapkit/snaps/core20_2015.snap"] in new3
+    assert new3[-1] == ["microk8s", "join", ANY_URL, "--worker"]
+    assert [(e["node"], e["call"]) for e in json.loads(nodes.cluster_file.read_text())["log"]] \
+        == [("node1", "add-node"), ("node2", "join"), ("node3", "join")]
+    for node in nodes.nodes:
+        # the snaps and the images came over SFTP; the plugin imported the images
+        assert node.path("/var/lib/gapkit/snaps/microk8s_7394.snap").is_file()
+        assert node.path("/var/snap/microk8s/common/etc/sideload/gapkit-images.tar.loaded").is_file()
+        assert [e["file"] for e in node.microk8s.sideloads()] == ["gapkit-images.tar"]
+        env = node.path("/var/snap/microk8s/current/args/containerd-env").read_text()
+        assert f"HTTPS_PROXY={PROXY}" in env and node.address in env
+        assert ["snap", "restart", "microk8s"] in node.microk8s.calls()
+    status = nodes.gapkit("cluster", "status", "-i", str(inventory), "--json")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert all(n["ready"] for n in json.loads(status.stdout)["nodes"])
+
+
+@needs_netns
+def test_over_ssh_the_mirror_lands_as_hosts_toml_on_every_node(
+        bundle: Bundle, ssh_nodes_factory: Callable[..., SSHNodes]) -> None:
+    nodes = ssh_nodes_factory(2)
+    inventory = nodes.inventory(images={"mode": "mirror", "mirror": bundle.mirror})
+    result = nodes.gapkit("cluster", "up", "-i", str(inventory), str(bundle.path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    for node in nodes.nodes:
+        hosts = node.path("/var/snap/microk8s/current/args/certs.d/registry.k8s.io/hosts.toml")
+        assert f'[host."{bundle.mirror}"]' in hosts.read_text()
+    assert "Ready: node1, node2" in result.stdout
+
+
+class _Any:
+    def __init__(self, pattern: str) -> None:
+        self.pattern = re.compile(pattern)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and self.pattern.fullmatch(other) is not None
+
+    def __repr__(self) -> str:
+        return f"<matching {self.pattern.pattern}>"
+
+
+ANY_TOKEN: Any = _Any(r"[0-9a-f]{32}")
+ANY_URL: Any = _Any(r"198\.51\.100\.11:25000/[0-9a-f]{32}/[0-9a-f]{12}")
