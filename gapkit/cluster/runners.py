@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import secrets
 import shlex
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -165,7 +166,8 @@ class SSHRunner:
                               hint="check the address and port, that sshd runs on the node, and "
                               "that no firewall drops SSH") from None
         except OSError as exc:
-            raise self._error("connect", f"cannot reach {where}: {exc.strerror or exc}",
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise self._error("connect", f"cannot reach {where}: {why}",
                               hint="check the address and port, and that sshd runs on the node"
                               ) from None
         except (asyncssh.Error, ValueError) as exc:
