@@ -19,6 +19,7 @@ Facts this follows (data/microk8s/README.md §6):
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import re
 import secrets
@@ -91,14 +92,30 @@ _JOIN_LINE = re.compile(r"microk8s join (?P<host>\S+?):(?P<port>\d+)/(?P<token>[
 
 
 def join_url(address: str, token: str, add_node_output: str) -> str:
-    """`ADDR:PORT/TOKEN/HASH` with the port and hash add-node printed for our token."""
-    port, digest = DEFAULT_AGENT_PORT, ""
+    """`ADDR:PORT/TOKEN/HASH` with the port and hash add-node printed for our token.
+
+    ADDR is the inventory's address when it is an IP (join accepts nothing else); for a host
+    name, the address add-node printed first (its default-route address) is taken instead.
+    """
+    port, digest, printed = DEFAULT_AGENT_PORT, "", ""
     for match in _JOIN_LINE.finditer(add_node_output):
         if match["token"] == token:
-            port, digest = int(match["port"]), match["hash"] or ""
+            port, digest, printed = int(match["port"]), match["hash"] or "", match["host"]
             break
-    host = f"[{address}]" if ":" in address else address
+    host = address
+    if not _is_ip(address) and printed and printed != "none":
+        host = printed
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
     return f"{host}:{port}/{token}" + (f"/{digest}" if digest else "")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass

@@ -220,6 +220,9 @@ async def _plan_node(runner: Runner, shared: _Shared, options: UpOptions,
     if configure is not None:
         up.configure = await _node_step(runner.name, "plan configure",
                                         plan_configure(runner, configure))
+        if any(not step.done for step in up.install.snaps):
+            up.configure.notes.append("planned against the node as it is now: after `snap "
+                                      "install` MicroK8s' own files are read and planned again")
     return up
 
 
@@ -229,7 +232,9 @@ async def _install_node(runner: Runner, shared: _Shared, options: UpOptions,
     up = await _plan_node(runner, shared, options, configure)
     plan = up.install
     assert plan is not None
-    say(name, "upload", f"{sum(1 for u in plan.all_uploads if not u.present)} file(s)")
+    missing = sum(1 for u in plan.all_uploads if not u.present)
+    if missing:
+        say(name, "upload", f"{missing} file(s)")
     sent = await _node_step(name, "upload", carry_out_uploads(
         runner, plan.all_uploads, shared.member_file, shared.member_bytes))
     up.steps["upload"] = f"{len(sent)} file(s) uploaded" if sent else "skipped (all there)"

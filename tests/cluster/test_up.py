@@ -31,11 +31,12 @@ import pytest
 
 from gapkit.catalog import resolve_images
 from gapkit.cluster.inventory import load_inventory
-from gapkit.cluster.join import ClusterNode
+from gapkit.cluster.join import ClusterNode, join_url
 from gapkit.cluster.up import UpOptions, UpReport, cluster_up, up_from_inventory
 from gapkit.errors import ClusterError, NodeStepError
 from gapkit.node.plan import CommandResult, LocalRunner
 from tests.support.cli import gapkit
+from tests.support.containerd import Containerd
 from tests.support.microk8s import StandInMicroK8s
 from tests.support.snaps import make_snap
 from tests.support.sshnodes import SSHNodes
@@ -69,6 +70,28 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bundle]:
                "--platform", "linux/amd64", "--cache", str(folder / "cache"), "-o", str(path),
                *flags)
         yield Bundle(path, images, "http://198.51.100.10:5000")
+    finally:
+        upstreams.stop()
+
+
+@pytest.fixture(scope="module")
+def bundle_1_24(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bundle]:
+    """A 1.24 bundle (base core18): before the side-load plugin."""
+    folder = tmp_path_factory.mktemp("up-bundle-1.24")
+    upstreams = Upstreams(folder / "upstreams")
+    try:
+        images = [str(i.reference) for i in resolve_images(microk8s="1.24")]
+        upstreams.push(images, layer_size=2000)
+        for name, revision in (("snapd", 21759), ("core18", 2284), ("microk8s", 6530)):
+            make_snap(folder / "snaps", name, revision)
+        flags = upstreams.mirror_flags()
+        for registry in upstreams.registries.values():
+            flags += ["--plain-http", registry.host]
+        path = folder / "bundle.tar"
+        gapkit("bundle", "create", "--microk8s", "1.24", "--snaps-from", str(folder / "snaps"),
+               "--platform", "linux/amd64", "--cache", str(folder / "cache"), "-o", str(path),
+               *flags)
+        yield Bundle(path, images, "")
     finally:
         upstreams.stop()
 
@@ -213,8 +236,13 @@ def test_a_second_run_finds_everything_done_and_changes_nothing(
     assert "# node2: already in the cluster" in planned
 
 
-def test_sideload_stages_a_lean_images_tar_before_install(bundle: Bundle, cluster: Cluster) -> None:
+def test_sideload_stages_a_lean_images_tar_before_install(
+        bundle: Bundle, cluster: Cluster, containerd: Containerd) -> None:
+    # node1's side-load plugin imports into a real containerd (`ctr image import --platform`)
+    cluster.stand_ins["node1"].containerd_address = containerd.address
+    cluster.stand_ins["node1"].save()
     report = cluster.up(SIDELOAD, bundle.path)
+    assert containerd.image_names() == sorted(bundle.images)
     for node in cluster.nodes:
         root = cluster.roots[node.name]
         staged = root / "var/snap/microk8s/common/sideload/gapkit-images.tar"
@@ -229,6 +257,40 @@ def test_sideload_stages_a_lean_images_tar_before_install(bundle: Bundle, cluste
         assert not (root / "var/snap/microk8s/current/args/certs.d").exists()
         steps = next(n for n in report.nodes if n.node == node.name).steps
         assert steps["images"].startswith("imported by the side-load plugin")
+
+
+def test_before_1_27_sideload_means_images_import_after_the_node_is_ready(
+        bundle_1_24: Bundle, tmp_path: Path, containerd: Containerd) -> None:
+    """No side-load plugin before 1.27: `microk8s ctr image import` once MicroK8s runs, every
+    image checked in containerd by name and digest; a rerun finds them and imports nothing."""
+    stand_in = StandInMicroK8s(tmp_path / "stand-in", containerd_address=containerd.address,
+                               version="v1.24.17", cluster_file=tmp_path / "cluster.json",
+                               node_name="node1", node_address="198.51.100.11",
+                               fs_root=tmp_path / "fs").install()
+    runner = StandInRunner(tmp_path / "fs", stand_in, "node1")
+    nodes = [ClusterNode("node1", "198.51.100.11")]
+    report = asyncio.run(cluster_up(nodes, {"node1": runner}, bundle_1_24.path, SIDELOAD))
+    assert report.nodes[0].steps["images"] == f"{len(bundle_1_24.images)} image(s) imported and checked"
+    assert containerd.image_names() == sorted(bundle_1_24.images)
+    assert not (tmp_path / "fs/var/snap/microk8s/common/sideload").exists()
+    assert stand_in.installed() == {"snapd": "21759", "core18": "2284", "microk8s": "6530"}
+    imports = [c for c in stand_in.calls() if c[1:4] == ["ctr", "image", "import"]]
+    assert imports == [["microk8s", "ctr", "image", "import", "--platform", "linux/amd64", "-"]]
+    again = asyncio.run(cluster_up(nodes, {"node1": runner}, bundle_1_24.path, SIDELOAD))
+    assert again.nodes[0].steps["images"] == "skipped (every image is there)"
+    assert len([c for c in stand_in.calls() if c[1:4] == ["ctr", "image", "import"]]) == 1
+
+
+def test_join_url_takes_port_and_fingerprint_from_add_node_and_needs_an_ip() -> None:
+    token = "0123456789abcdef" * 2
+    printed = (f"microk8s join 10.0.0.10:25001/{token}/abcdef012345\n\n"
+               f"microk8s join 10.0.0.10:25001/{token}/abcdef012345 --worker\n"
+               f"microk8s join 172.17.0.1:25001/{token}/abcdef012345\n")
+    assert join_url("198.51.100.11", token, printed) == \
+        f"198.51.100.11:25001/{token}/abcdef012345"
+    # join wants a literal IP: for a host name, the address add-node chose
+    assert join_url("node1.example", token, printed) == f"10.0.0.10:25001/{token}/abcdef012345"
+    assert join_url("2001:db8::1", token, "") == f"[2001:db8::1]:25000/{token}"
 
 
 def test_a_failing_install_stops_before_the_join_and_a_rerun_continues(
