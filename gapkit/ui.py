@@ -275,16 +275,23 @@ def render_cluster_check(report: ClusterCheckReport, out: Console | None = None)
                          else Text("-", style="dim"))
         table.add_row(escape(name), *cells)
     out.print(table)
+    # What is not PASS, once for every node it applies to (the same fix is not printed thrice).
+    seen: dict[tuple[str, str, str, str], list[str]] = {}
     for node in report.nodes:
         if node.report is None:
-            out.print(f"[bold red]{escape(node.name)}[/]: {escape(node.error)}", highlight=False)
+            out.print(f"[bold red]FAIL[/] {escape(node.name)}: {escape(node.error)}",
+                      highlight=False, soft_wrap=True)
             continue
         for check in node.report.checks:
             if check.status != "PASS":
-                fix = f"\n    fix: {check.fix}" if check.fix else ""
-                out.print(f"[{_STATUS_STYLE[check.status]}]{check.status}[/] {escape(node.name)}: "
-                          f"{escape(check.name)}: {escape(check.detail)}{escape(fix)}",
-                          highlight=False, soft_wrap=True)
+                seen.setdefault((check.status, check.name, check.detail, check.fix), []).append(
+                    node.name)
+    for (status, name, detail, fix), where in seen.items():
+        out.print(f"[{_STATUS_STYLE[status]}]{status}[/] {escape(', '.join(where))}: "
+                  f"{escape(name)}: {escape(detail)}", highlight=False, soft_wrap=True)
+        if fix:
+            out.print("    fix: " + fix.replace("\n", "\n    "), markup=False, highlight=False,
+                      soft_wrap=True)
     if report.matrix:
         grid = Table("FROM", "TO", *(p.label for p in report.ports), box=box.SIMPLE_HEAD,
                      show_edge=False, title="ports between nodes (probed from each node)",

@@ -21,7 +21,6 @@ all targets at once. Limits, said in the report:
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -41,9 +40,10 @@ for target; do
   (
     a=${target%:*}; p=${target##*:}
     if [ "$tool" = bash ]; then
-      err=$(timeout "$t" bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$a" "$p" 2>&1); rc=$?
+      err=$(BASH_ENV= timeout "$t" bash --norc --noprofile -c 'exec 3<>"/dev/tcp/$0/$1"' \
+            "$a" "$p" 2>&1 </dev/null); rc=$?
     else
-      err=$(nc -z -w "$t" "$a" "$p" 2>&1); rc=$?
+      err=$(nc -z -w "$t" "$a" "$p" 2>&1 </dev/null); rc=$?
     fi
     printf '%s %s %s\n' "$target" "$rc" "$(printf %s "$err" | tr '\n' ' ')"
   ) &
@@ -197,19 +197,30 @@ async def check_cluster(inventory: Inventory, timeout: float = 2.0, jobs: int = 
         for runner in runners.values():
             report.notes += runner.notes
 
-        async def one(runner: SSHRunner) -> None:
-            node = nodes[runner.name]
+        # The port probes first, all nodes at once, while the nodes are quiet: a connect
+        # timeout is only fair when nothing else loads the node (the node checks start
+        # several programs each).
+        async def probe(runner: SSHRunner) -> None:
             peers = [(n.name, n.address) for n in inventory.nodes if n.name != runner.name]
-            own, (tool, matrix) = await asyncio.gather(
-                check_node(options, runner), _probe(runner, peers, ports, timeout))
-            node.probe_tool = tool
+            tool, matrix = await _probe(runner, peers, ports, timeout)
+            nodes[runner.name].probe_tool = tool
             report.matrix[runner.name] = matrix
-            for (peer, address) in peers:
-                own.checks.append(peer_ports_check(peer, address, matrix[peer], tool))
+
+        async def check(runner: SSHRunner) -> None:
+            own = await check_node(options, runner)
+            node = nodes[runner.name]
+            for peer, address in ((n.name, n.address) for n in inventory.nodes
+                                  if n.name in report.matrix.get(runner.name, {})):
+                own.checks.append(peer_ports_check(peer, address,
+                                                   report.matrix[runner.name][peer],
+                                                   node.probe_tool))
             node.report = own
 
-        done = await fan_out(runners.values(), one, jobs, name=lambda r: r.name)
-        for result in done.errors:
-            assert result.error is not None
-            nodes[result.node].error = result.error.message
+        for step in (probe, check):
+            done = await fan_out(list(runners.values()), step, jobs, name=lambda r: r.name)
+            for result in done.errors:
+                assert result.error is not None
+                nodes[result.node].error = result.error.message
+                runners.pop(result.node, None)
+        report.matrix = {name: report.matrix[name] for name in nodes if name in report.matrix}
     return report
