@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from gapkit.cluster.status import (
     parse_version,
 )
 from tests.support.containerd import Containerd
+from tests.support.images import ImageSpec, make_layer, write_layout
 from tests.support.sshnodes import SSHNode, SSHNodes
 
 needs_nodes = pytest.mark.skipif(
@@ -108,3 +110,29 @@ def test_status_reports_version_images_and_ready_per_node(
     assert found["node1"]["reachable"] is False
     assert str(found["node1"]["error"]).startswith("node1: connect: cannot reach root@198.51.100.11:22")
     assert found["node2"]["ready"] is True and found["node3"]["ready"] is True
+
+
+@needs_nodes
+def test_status_counts_a_bundles_images_on_each_node(
+        ssh_nodes_factory: Callable[..., SSHNodes], containerd: Containerd, tmp_path: Path) -> None:
+    present = ImageSpec("docker.io/library/app:1", [make_layer(1, 300)])
+    absent = ImageSpec("registry.k8s.io/pause:3.10", [make_layer(2, 200)])
+    on_node = tmp_path / "on-node"
+    write_layout(on_node, [present])
+    archive = tmp_path / "on-node.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(on_node, arcname=".")
+    containerd.ctr("image", "import", "--no-unpack", str(archive))
+    layout = tmp_path / "bundle-layout"
+    write_layout(layout, [present, absent])
+    nodes = ssh_nodes_factory(1, containerd_address=containerd.address)
+    install(nodes.nodes[0])
+    nodes.nodes[0].run("microk8s", "add-node", "--token", TOKEN)
+    code, found, _ = status(nodes, "--bundle", str(layout))
+    assert code == 0
+    assert found["node1"]["images"] == 1
+    assert found["node1"]["bundle"] == {"present": 1, "total": 2,
+                                        "missing": ["registry.k8s.io/pause:3.10"]}
+    table = nodes.gapkit("cluster", "status", "-i", str(nodes.inventory()), "--bundle", str(layout))
+    assert "1 (1/2 of the bundle)" in table.stdout
+    assert "node1: missing 1 image(s): registry.k8s.io/pause:3.10" in table.stdout
