@@ -35,6 +35,13 @@ from gapkit.node.plan import Runner
 
 DEFAULT_AGENT_PORT = 25000
 DEFAULT_TOKEN_TTL = 900
+#: Seconds allowed per joining node when the default TTL would be too short for many nodes.
+TTL_PER_JOIN = 300
+
+
+def token_lifetime(token_ttl: int | None, joins: int) -> int:
+    """The TTL asked: as given, else 900 s or 300 s per join when that is longer."""
+    return token_ttl if token_ttl is not None else max(DEFAULT_TOKEN_TTL, TTL_PER_JOIN * joins)
 KUBECTL_NODES = ("microk8s", "kubectl", "get", "nodes", "-o", "json")
 
 
@@ -156,7 +163,7 @@ Progress = Callable[[str, str, str], None]
 
 
 async def plan_join(nodes: Sequence[ClusterNode], runners: Mapping[str, Runner],
-                    token_ttl: int = DEFAULT_TOKEN_TTL) -> JoinReport:
+                    token_ttl: int | None = None) -> JoinReport:
     """What forming the cluster takes, read from the first node (when MicroK8s runs there)."""
     first = first_control_plane(nodes)
     report = JoinReport(first.name)
@@ -171,8 +178,9 @@ async def plan_join(nodes: Sequence[ClusterNode], runners: Mapping[str, Runner],
     todo = [n for n in others if find(n, listed) is None]
     report.already = [n.name for n in others if n not in todo]
     if todo:
+        ttl = token_lifetime(token_ttl, len(todo))
         report.commands.append((first.name, ("microk8s", "add-node", "--token", "<token>",
-                                             "--token-ttl", str(token_ttl))))
+                                             "--token-ttl", str(ttl))))
     for node in todo:
         argv = ["microk8s", "join", f"{first.address}:{DEFAULT_AGENT_PORT}/<token>/<hash>"]
         if node.worker:
@@ -183,7 +191,7 @@ async def plan_join(nodes: Sequence[ClusterNode], runners: Mapping[str, Runner],
 
 
 async def form_cluster(nodes: Sequence[ClusterNode], runners: Mapping[str, Runner], *,
-                       token_ttl: int = DEFAULT_TOKEN_TTL, ready_timeout: float = 600,
+                       token_ttl: int | None = None, ready_timeout: float = 600,
                        poll: float = 2.0, progress: Progress | None = None) -> JoinReport:
     """add-node once, join the nodes not yet in the cluster one at a time, wait for Ready."""
     say = progress or (lambda node, step, text: None)
@@ -198,9 +206,10 @@ async def form_cluster(nodes: Sequence[ClusterNode], runners: Mapping[str, Runne
         say(name, "join", "already in the cluster")
     if todo:
         token = secrets.token_hex(16)
-        add = ("microk8s", "add-node", "--token", token, "--token-ttl", str(token_ttl))
+        ttl = token_lifetime(token_ttl, len(todo))
+        add = ("microk8s", "add-node", "--token", token, "--token-ttl", str(ttl))
         report.commands.append((first.name, _shown(add, token)))
-        say(first.name, "add-node", f"token valid {token_ttl} s")
+        say(first.name, "add-node", f"token valid {ttl} s, for {len(todo)} join(s)")
         result = await _step(first.name, "add-node", _run_checked(lead, add, "add-node", token))
         url = join_url(first.address, token, result)
         for node in todo:

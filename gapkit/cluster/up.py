@@ -43,7 +43,6 @@ from typing import Any
 
 from gapkit.bundle.reader import OpenBundle, open_bundle
 from gapkit.cluster.join import (
-    DEFAULT_TOKEN_TTL,
     ClusterNode,
     JoinReport,
     first_control_plane,
@@ -54,6 +53,7 @@ from gapkit.errors import ClusterError, GapkitError, NodeError, NodeStepError, U
 from gapkit.node.configure import ConfigureOptions, configure_options, plan_configure
 from gapkit.node.images import import_images, listed_images, node_platform
 from gapkit.node.install import (
+    HOSTS_NEEDED_BEFORE,
     SIDELOAD_LIVE,
     SIDELOAD_NAME,
     SIDELOAD_SINCE,
@@ -61,6 +61,7 @@ from gapkit.node.install import (
     Upload,
     carry_out_uploads,
     check,
+    plan_hosts,
     plan_install,
     release_of,
 )
@@ -72,6 +73,8 @@ DEFAULT_JOBS = 4
 DEFAULT_WAIT_READY = 600
 
 Progress = Callable[[str, str, str], None]
+#: What `microk8s status` says on a worker node (it has no control plane to report on).
+WORKER_STATUS = "acting as a node in a cluster"
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ class UpOptions:
     ca: Path | None = None
     proxy: str | None = None
     jobs: int = DEFAULT_JOBS
-    token_ttl: int = DEFAULT_TOKEN_TTL
+    #: None: 900 s, or 300 s per joining node when longer (a TTL token serves every join).
+    token_ttl: int | None = None
     wait_ready: int = DEFAULT_WAIT_READY
     #: For every node to be Ready after the joins, and for side-loaded images to be imported.
     ready_timeout: float = 600
@@ -95,6 +99,8 @@ class NodeUp:
     node: str
     install: InstallPlan | None = None
     configure: Plan | None = None
+    #: /etc/hosts entries for the other nodes (releases up to 1.27).
+    hosts: Plan | None = None
     #: Step -> "done" (ran now) or "skipped" (already so) or a detail.
     steps: dict[str, str] = field(default_factory=dict)
 
@@ -105,6 +111,9 @@ class NodeUp:
         if self.configure is not None:
             out.append(self.configure.render().rstrip("\n").replace(
                 f"# node {self.node}", f"# node {self.node}: configure", 1))
+        if self.hosts is not None:
+            out.append(self.hosts.render().rstrip("\n").replace(
+                f"# node {self.node}", f"# node {self.node}: /etc/hosts", 1))
         out += [f"# {self.node}: {step}: {state}" for step, state in self.steps.items()]
         return "\n".join(out) + "\n"
 
@@ -112,6 +121,7 @@ class NodeUp:
         return {"node": self.node,
                 "install": self.install.to_json() if self.install else None,
                 "configure": self.configure.to_json() if self.configure else None,
+                "hosts": self.hosts.to_json() if self.hosts else None,
                 "steps": dict(self.steps)}
 
 
@@ -148,8 +158,11 @@ class _Shared:
     """What all nodes share: the open bundle, one extracted copy of each member, one images
     tar per platform (made once, when the first node needs it)."""
 
-    def __init__(self, bundle: OpenBundle, temp: Path, jobs: int) -> None:
+    def __init__(self, bundle: OpenBundle, temp: Path, jobs: int,
+                 nodes: Sequence[ClusterNode] = ()) -> None:
         self.bundle = bundle
+        #: (name, address) of every node, for /etc/hosts up to 1.27 (empty: not needed).
+        self.hosts = _hosts_entries(bundle, nodes)
         self.temp = temp
         self.jobs = jobs
         self._locks: dict[str, asyncio.Lock] = {}
@@ -212,6 +225,12 @@ async def _plan_node(runner: Runner, shared: _Shared, options: UpOptions,
         loaded = await _node_step(runner.name, "images", runner.list_dir(SIDELOAD_LIVE)) or []
         if f"{SIDELOAD_NAME}.loaded" not in loaded:
             platform = await _node_step(runner.name, "platform", node_platform(runner))
+            held = [Platform.parse(p) for p in shared.bundle.manifest.platforms]
+            if held and platform not in held:
+                raise NodeStepError(runner.name, "images",
+                                    f"the node is {platform}, the bundle holds images for "
+                                    f"{', '.join(map(str, held))}",
+                                    f"build the bundle with --platform {platform} too")
             sideload, sideload_sha = await shared.images_tar(platform)
     up.install = await _node_step(runner.name, "plan install", plan_install(
         runner, shared.bundle, sideload=sideload, sideload_sha256=sideload_sha))
@@ -223,7 +242,18 @@ async def _plan_node(runner: Runner, shared: _Shared, options: UpOptions,
         if any(not step.done for step in up.install.snaps):
             up.configure.notes.append("planned against the node as it is now: after `snap "
                                       "install` MicroK8s' own files are read and planned again")
+    if shared.hosts:
+        up.hosts = await _node_step(runner.name, "plan /etc/hosts",
+                                    plan_hosts(runner, shared.hosts))
     return up
+
+
+def _hosts_entries(bundle: OpenBundle, nodes: Sequence[ClusterNode]) -> list[tuple[str, str]]:
+    """Up to 1.27 a join is refused unless the joiner's name resolves to its address."""
+    release = release_of(bundle)
+    if release is None or release >= HOSTS_NEEDED_BEFORE or len(nodes) < 2:
+        return []
+    return [(n.name, n.address) for n in nodes]
 
 
 async def _install_node(runner: Runner, shared: _Shared, options: UpOptions,
@@ -258,10 +288,25 @@ async def _install_node(runner: Runner, shared: _Shared, options: UpOptions,
             up.steps["configure"] = "skipped (already as wanted)"
         if up.configure.problems:
             raise NodeStepError(name, "configure", "; ".join(up.configure.problems))
+    if up.hosts is not None:
+        if up.hosts.changed:
+            say(name, "/etc/hosts", "the nodes' names")
+            await _node_step(name, "/etc/hosts", apply(up.hosts, runner))
+            up.steps["/etc/hosts"] = "done"
+        else:
+            up.steps["/etc/hosts"] = "skipped (every node's name is there)"
+        if up.hosts.problems:
+            raise NodeStepError(name, "/etc/hosts", "; ".join(up.hosts.problems),
+                                "correct /etc/hosts on that node, then run again")
     say(name, "wait-ready", f"up to {options.wait_ready} s")
-    check(runner, await runner.run(["microk8s", "status", "--wait-ready", "--timeout",
-                                    str(options.wait_ready)]), "wait-ready")
-    up.steps["wait-ready"] = "MicroK8s is running"
+    status = await runner.run(["microk8s", "status", "--wait-ready", "--timeout",
+                               str(options.wait_ready)])
+    if WORKER_STATUS in status.stdout + status.stderr:
+        # a worker joined by an earlier run: it has no status of its own; Ready is asked later
+        up.steps["wait-ready"] = "skipped (a worker of the cluster)"
+    else:
+        check(runner, status, "wait-ready")
+        up.steps["wait-ready"] = "MicroK8s is running"
     if plan.sideload is not None or (_sideload_before_install(options, shared.bundle)):
         say(name, "images", "waiting for the side-load plugin")
         up.steps["images"] = await _wait_sideloaded(runner, options)
@@ -317,7 +362,7 @@ async def cluster_up(nodes: Sequence[ClusterNode], runners: Mapping[str, Runner]
     report = UpReport(plan_only)
     try:
         with tempfile.TemporaryDirectory(prefix="gapkit-up-") as temp:
-            shared = _Shared(opened, Path(temp), options.jobs)
+            shared = _Shared(opened, Path(temp), options.jobs, nodes)
 
             async def one(node: ClusterNode) -> NodeUp:
                 runner = runners[node.name]

@@ -37,7 +37,7 @@ from typing import Any
 
 from gapkit.bundle.reader import OpenBundle
 from gapkit.errors import NodeError, NodeStepError
-from gapkit.node.plan import CommandResult, Runner
+from gapkit.node.plan import CommandResult, FileWrite, Plan, Runner
 
 #: Where the snaps and their assertions are put on a node.
 SNAP_DIR = PurePosixPath("/var/lib/gapkit/snaps")
@@ -325,3 +325,43 @@ async def _call_upload(runner: Runner, local: Path, up: Upload) -> None:
     """The runner's own `upload` (SSH: SFTP to a temp name, sha256 checked, renamed)."""
     upload: Any = runner.upload  # type: ignore[attr-defined]
     await upload(local, up.path, mode=0o644)
+
+
+# ---- /etc/hosts for joins up to 1.27 -----------------------------------------------------------
+
+ETC_HOSTS = PurePosixPath("/etc/hosts")
+#: From 1.28 the API server prefers InternalIP and the join no longer checks host names.
+HOSTS_NEEDED_BEFORE = (1, 28)
+_HOSTS_HEADER = ("# Added by gapkit cluster up: the cluster's nodes (MicroK8s up to 1.27 refuses "
+                 "a join\n# whose host name does not resolve to the joining node's address).\n")
+
+
+async def plan_hosts(runner: Runner, nodes: list[tuple[str, str]]) -> Plan:
+    """/etc/hosts with a line `ADDRESS NAME` for each node whose name it does not resolve yet.
+
+    Every other line stays; a name already there with another address is left alone and
+    reported (the join would fail: the operator decides which address is right).
+    """
+    plan = Plan(runner.name)
+    old = await runner.read_file(ETC_HOSTS)
+    text = (old or b"").decode("utf-8", "replace")
+    known: dict[str, str] = {}
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        for name in words[1:]:
+            known.setdefault(name, words[0])
+    missing = []
+    for name, address in nodes:
+        if name not in known:
+            missing.append(f"{address} {name}\n")
+        elif known[name] != address and not known[name].startswith("127."):
+            plan.problems.append(f"{ETC_HOSTS} says {name} is {known[name]}, the inventory says "
+                                 f"{address}: left alone (a join up to 1.27 checks it)")
+    if missing:
+        new = text + ("" if not text or text.endswith("\n") else "\n")
+        if _HOSTS_HEADER not in new:
+            new += _HOSTS_HEADER
+        new += "".join(missing)
+        plan.writes.append(FileWrite(ETC_HOSTS, new.encode(), old, 0o644,
+                                     "the nodes' names, for joins up to MicroK8s 1.27"))
+    return plan

@@ -204,6 +204,7 @@ def test_up_installs_in_order_configures_the_mirror_and_joins_one_at_a_time(
         assert 'host."http://198.51.100.10:5000"' in (certs / "docker.io/hosts.toml").read_text()
         assert ["microk8s", "status", "--wait-ready", "--timeout", "600"] in \
             cluster.calls(node.name)
+        assert not (cluster.roots[node.name] / "etc/hosts").exists()  # not needed from 1.28
     # the join sequence: one add-node on the first node, then node2, then node3 as a worker
     assert [(e["node"], e["call"], e.get("worker")) for e in cluster.log()] == [
         ("node1", "add-node", None), ("node2", "join", False), ("node3", "join", True)]
@@ -231,6 +232,7 @@ def test_a_second_run_finds_everything_done_and_changes_nothing(
         assert node.steps["install microk8s"] == "skipped (revision 7394 installed)"
         assert node.steps["configure"] == "skipped (already as wanted)"
     assert report.join is not None and report.join.already == ["node2", "node3"]
+    assert report.nodes[2].steps["wait-ready"] == "skipped (a worker of the cluster)"
     planned = cluster.up(mirror_options(bundle), bundle.path, plan_only=True).render()
     assert "add-node" not in planned and "$ snap" not in planned
     assert "# node2: already in the cluster" in planned
@@ -279,6 +281,24 @@ def test_before_1_27_sideload_means_images_import_after_the_node_is_ready(
     again = asyncio.run(cluster_up(nodes, {"node1": runner}, bundle_1_24.path, SIDELOAD))
     assert again.nodes[0].steps["images"] == "skipped (every image is there)"
     assert len([c for c in stand_in.calls() if c[1:4] == ["ctr", "image", "import"]]) == 1
+
+
+def test_up_to_1_27_every_node_gets_the_others_names_in_etc_hosts(
+        bundle_1_24: Bundle, cluster: Cluster) -> None:
+    own = cluster.roots["node2"] / "etc/hosts"
+    own.parent.mkdir(parents=True)
+    own.write_text("127.0.0.1 localhost\n198.51.100.12 node2\n")
+    options = UpOptions(poll=0.05, ready_timeout=20)
+    report = cluster.up(options, bundle_1_24.path)
+    for node in cluster.nodes:
+        lines = (cluster.roots[node.name] / "etc/hosts").read_text().splitlines()
+        assert {"198.51.100.11 node1", "198.51.100.12 node2", "198.51.100.13 node3"} <= set(lines)
+        assert lines.count("198.51.100.12 node2") == 1
+    assert own.read_text().startswith("127.0.0.1 localhost\n198.51.100.12 node2\n# Added by")
+    assert all(n.steps["/etc/hosts"] == "done" for n in report.nodes)
+    again = cluster.up(options, bundle_1_24.path)
+    assert all(n.steps["/etc/hosts"] == "skipped (every node's name is there)"
+               for n in again.nodes)
 
 
 def test_join_url_takes_port_and_fingerprint_from_add_node_and_needs_an_ip() -> None:

@@ -411,6 +411,12 @@ class _Node:
             if self.fails("status"):
                 print("microk8s is not running. Use microk8s inspect for a deeper inspection.")
                 return 1
+            f, data = self.cluster()
+            self.store(f, data)
+            if any(m["name"] == self.name and m["role"] == "worker" for m in data["members"]):
+                print("This MicroK8s deployment is acting as a node in a cluster. Please use "
+                      "the microk8s status on the master.")
+                return 0
             print("microk8s is running\nhigh-availability: no\n  datastore master nodes: "
                   "127.0.0.1:19001\n  datastore standby nodes: none")
             return 0
