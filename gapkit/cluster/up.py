@@ -10,8 +10,10 @@ when done (`gapkit.node.install`):
 3. **configure** containerd for the mirror (hosts.toml for every upstream of the bundle's
    images) and/or the proxy, through `gapkit.node.configure.plan_configure`, the same plans
    as `gapkit node configure`;
-4. **wait-ready**: `microk8s status --wait-ready --timeout N`;
-5. **images** (side-load mode): wait for the side-load plugin's `*.tar.loaded` (>= 1.27), or
+4. **/etc/hosts** (releases up to 1.27 only, whose joins check that the joiner's host name
+   resolves to its address): a line `ADDRESS NAME` for every node not listed yet;
+5. **wait-ready**: `microk8s status --wait-ready --timeout N`;
+6. **images** (side-load mode): wait for the side-load plugin's `*.tar.loaded` (>= 1.27), or
    `microk8s images import` (< 1.27), checked by name and digest.
 
 Why configure after install, with hosts.toml, and not a launch config (`/etc/microk8s.yaml`
@@ -21,6 +23,10 @@ the site may own, and the certs.d files it writes are the very ones `plan_config
 containerd reads hosts.toml on every pull, so the pulls that fail before the files land (the
 few seconds between install and configure) are retried through the mirror by the kubelet;
 the proxy's `containerd-env` is followed by a restart, as in `node configure`.
+
+`--plan` reads every node (`snap list`, files, `kubectl get nodes` when MicroK8s runs) and
+prints what would be uploaded, written and run per node, then the join sequence; it changes
+nothing and does not export the side-load tar (it names it). The token is never printed.
 
 Then, one node at a time (`gapkit.cluster.join`): `add-node` with a fresh 32-hex token on the
 first control-plane node, `join` on the others not yet in the cluster (`--worker` for
@@ -217,10 +223,11 @@ async def _node_step(node: str, step: str, work: Any) -> Any:
 
 
 async def _plan_node(runner: Runner, shared: _Shared, options: UpOptions,
-                     configure: ConfigureOptions | None) -> NodeUp:
+                     configure: ConfigureOptions | None, export: bool = True) -> NodeUp:
     up = NodeUp(runner.name)
     sideload = None
     sideload_sha = None
+    later = None
     if _sideload_before_install(options, shared.bundle):
         loaded = await _node_step(runner.name, "images", runner.list_dir(SIDELOAD_LIVE)) or []
         if f"{SIDELOAD_NAME}.loaded" not in loaded:
@@ -231,11 +238,18 @@ async def _plan_node(runner: Runner, shared: _Shared, options: UpOptions,
                                     f"the node is {platform}, the bundle holds images for "
                                     f"{', '.join(map(str, held))}",
                                     f"build the bundle with --platform {platform} too")
-            sideload, sideload_sha = await shared.images_tar(platform)
+            if export:
+                sideload, sideload_sha = await shared.images_tar(platform)
+            else:
+                later = str(platform)
     up.install = await _node_step(runner.name, "plan install", plan_install(
-        runner, shared.bundle, sideload=sideload, sideload_sha256=sideload_sha))
-    if options.images_mode == "sideload" and sideload is None:
+        runner, shared.bundle, sideload=sideload, sideload_sha256=sideload_sha,
+        sideload_later=later))
+    if options.images_mode == "sideload" and not _sideload_before_install(options, shared.bundle):
         up.install.import_after = True
+    elif _sideload_before_install(options, shared.bundle) and sideload is None and later is None:
+        up.install.notes.append(f"images: {SIDELOAD_LIVE / SIDELOAD_NAME}.loaded says the "
+                                "side-loaded images were imported")
     if configure is not None:
         up.configure = await _node_step(runner.name, "plan configure",
                                         plan_configure(runner, configure))
@@ -367,7 +381,7 @@ async def cluster_up(nodes: Sequence[ClusterNode], runners: Mapping[str, Runner]
             async def one(node: ClusterNode) -> NodeUp:
                 runner = runners[node.name]
                 if plan_only:
-                    return await _plan_node(runner, shared, options, configure)
+                    return await _plan_node(runner, shared, options, configure, export=False)
                 return await _install_node(runner, shared, options, configure, say)
 
             done = await fan_out(nodes, one, options.jobs, name=lambda n: n.name)

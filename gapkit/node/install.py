@@ -107,6 +107,9 @@ class InstallPlan:
     def render(self) -> str:
         out = [f"# node {self.node}: install"]
         for up in self.all_uploads:
+            if not up.sha256:
+                out.append(f"# {up.path}: upload {up.why}")
+                continue
             what = up.member or str(up.source)
             state = "already there" if up.present else f"upload {_size(up.size)}"
             out.append(f"# {up.path}: {state} (from {what}, sha256 {up.sha256[:12]}…)"
@@ -210,8 +213,11 @@ def release_of(bundle: OpenBundle) -> tuple[int, int] | None:
 
 
 async def plan_install(runner: Runner, bundle: OpenBundle, *, sideload: Path | None = None,
-                       sideload_sha256: str | None = None) -> InstallPlan:
+                       sideload_sha256: str | None = None,
+                       sideload_later: str | None = None) -> InstallPlan:
     """What installing the bundle's snaps on the node takes; reads the node, changes nothing.
+
+    `sideload_later` (a platform) stands for a tar not exported yet (`--plan` does not export).
 
     `sideload`: a local images tar (this node's platform) to stage for >= 1.27.
     """
@@ -258,20 +264,22 @@ async def plan_install(runner: Runner, bundle: OpenBundle, *, sideload: Path | N
         argv.append(tuple(install))
         plan.snaps.append(SnapStep(snap.name, snap.revision, installed, tuple(argv)))
     microk8s_installed = "microk8s" in have
+    if sideload is None and sideload_later is not None:
+        folder = SIDELOAD_LIVE if microk8s_installed else SIDELOAD_STAGE
+        plan.sideload = Upload(folder / SIDELOAD_NAME, bundle.path, None, 0, "",
+                               f"the bundle's {sideload_later} images, exported when applied")
     if sideload is not None:
         folder = SIDELOAD_LIVE if microk8s_installed else SIDELOAD_STAGE
         loaded = await runner.list_dir(SIDELOAD_LIVE) or []
-        if f"{SIDELOAD_NAME}.loaded" in loaded:
-            plan.notes.append(f"images: {SIDELOAD_LIVE / SIDELOAD_NAME}.loaded says the "
-                              "side-loaded images were imported")
-        else:
+        if f"{SIDELOAD_NAME}.loaded" not in loaded:
             digest = sideload_sha256
             if digest is None:
                 digest = await asyncio.to_thread(_file_sha256, sideload)
             plan.sideload = await _upload_file(
                 runner, sideload, folder / SIDELOAD_NAME, digest,
-                "images for MicroK8s' side-load plugin, "
-                + ("imported at first start" if folder == SIDELOAD_STAGE else "imported within 5 s"))
+                "images for MicroK8s' side-load plugin, " + (
+                    "imported at first start" if folder == SIDELOAD_STAGE
+                    else "imported within 5 s"))
     return plan
 
 

@@ -261,6 +261,32 @@ def test_sideload_stages_a_lean_images_tar_before_install(
         assert steps["images"].startswith("imported by the side-load plugin")
 
 
+def test_sideload_plan_names_the_tar_without_exporting_it_and_a_rerun_plan_finds_it_loaded(
+        bundle: Bundle, cluster: Cluster) -> None:
+    planned = cluster.up(SIDELOAD, bundle.path, plan_only=True).render()
+    assert ("# /var/snap/microk8s/common/sideload/gapkit-images.tar: upload the bundle's "
+            "linux/amd64 images, exported when applied") in planned
+    assert "images import" not in planned
+    cluster.up(SIDELOAD, bundle.path)
+    again = cluster.up(SIDELOAD, bundle.path, plan_only=True).render()
+    assert "gapkit-images.tar.loaded says the side-loaded images were imported" in again
+    assert "gapkit-images.tar: upload" not in again
+
+
+def test_an_https_mirror_gets_its_ca_beside_each_hosts_toml(
+        bundle: Bundle, cluster: Cluster, tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    options = UpOptions(images_mode="mirror", mirror="https://198.51.100.10:5443", ca=ca,
+                        poll=0.05, ready_timeout=20)
+    cluster.up(options, bundle.path)
+    for node in cluster.nodes:
+        folder = cluster.roots[node.name] / "var/snap/microk8s/current/args/certs.d/docker.io"
+        assert (folder / "ca.crt").read_text() == ca.read_text()
+        hosts = (folder / "hosts.toml").read_text()
+        assert '[host."https://198.51.100.10:5443"]' in hosts and 'ca = "ca.crt"' in hosts
+
+
 def test_before_1_27_sideload_means_images_import_after_the_node_is_ready(
         bundle_1_24: Bundle, tmp_path: Path, containerd: Containerd) -> None:
     """No side-load plugin before 1.27: `microk8s ctr image import` once MicroK8s runs, every
