@@ -70,6 +70,7 @@ from gapkit.node.install import (
     plan_hosts,
     plan_install,
     release_of,
+    size_text,
 )
 from gapkit.node.plan import Plan, Runner, apply
 from gapkit.oci.model import Platform
@@ -276,11 +277,9 @@ async def _install_node(runner: Runner, shared: _Shared, options: UpOptions,
     up = await _plan_node(runner, shared, options, configure)
     plan = up.install
     assert plan is not None
-    missing = sum(1 for u in plan.all_uploads if not u.present)
-    if missing:
-        say(name, "upload", f"{missing} file(s)")
     sent = await _node_step(name, "upload", carry_out_uploads(
-        runner, plan.all_uploads, shared.member_file, shared.member_bytes))
+        runner, plan.all_uploads, shared.member_file, shared.member_bytes,
+        lambda f: say(name, "upload", f"{f.path} ({size_text(f.size)})")))
     up.steps["upload"] = f"{len(sent)} file(s) uploaded" if sent else "skipped (all there)"
     for step in plan.snaps:
         key = f"install {step.name}"
@@ -375,6 +374,9 @@ async def cluster_up(nodes: Sequence[ClusterNode], runners: Mapping[str, Runner]
     opened = await open_bundle(bundle)
     report = UpReport(plan_only)
     try:
+        if not any(s.name == "microk8s" for s in opened.manifest.snaps):
+            raise UsageError(f"{bundle} holds no microk8s snap: it cannot install nodes",
+                             hint="build the bundle with its snaps (without --no-snaps)")
         with tempfile.TemporaryDirectory(prefix="gapkit-up-") as temp:
             shared = _Shared(opened, Path(temp), options.jobs, nodes)
 

@@ -111,7 +111,7 @@ class InstallPlan:
                 out.append(f"# {up.path}: upload {up.why}")
                 continue
             what = up.member or str(up.source)
-            state = "already there" if up.present else f"upload {_size(up.size)}"
+            state = "already there" if up.present else f"upload {size_text(up.size)}"
             out.append(f"# {up.path}: {state} (from {what}, sha256 {up.sha256[:12]}…)"
                        + (f"  # {up.why}" if up.why and not up.present else ""))
         for step in self.snaps:
@@ -137,7 +137,7 @@ class InstallPlan:
                 "import_after": self.import_after, "notes": list(self.notes)}
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
     size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
@@ -309,12 +309,15 @@ Materialise = Callable[[Upload], Awaitable[Path]]
 
 
 async def carry_out_uploads(runner: Runner, uploads: list[Upload], materialise: Materialise,
-                            read_member: Callable[[Upload], Awaitable[bytes]]) -> list[Upload]:
+                            read_member: Callable[[Upload], Awaitable[bytes]],
+                            on_file: Callable[[Upload], None] | None = None) -> list[Upload]:
     """Upload what is not there yet; returns what was uploaded."""
     done = []
     for up in uploads:
         if up.present:
             continue
+        if on_file is not None:
+            on_file(up)
         if _has_upload(runner):
             local = up.source if up.member is None else await materialise(up)
             await _call_upload(runner, local, up)
