@@ -5,12 +5,14 @@ Facts this follows (data/microk8s/README.md §6):
 - the token is ours (`secrets.token_hex(16)`: 32 hex characters, MicroK8s' minimum), given to
   `microk8s add-node --token T --token-ttl N`. A TTL token can be used by every joining node
   until it expires (a token without TTL is single use), so one `add-node` serves the whole run;
+  N is 900 s, or 300 s per joining node when that is longer. A token that expired before the
+  last join makes that join fail; the rerun asks for a new one;
 - the join URL is `ADDR:PORT/TOKEN/HASH`: ADDR is the first node's **inventory address** (join
   wants a literal IP, and add-node's own choice follows the default route, which an air-gapped
   node may not have); PORT and HASH (the first 12 hex characters of the sha256 of the node's
   `server.crt`, so the joiner checks whom it talks to) are read from add-node's output;
-- joins run one at a time (a control-plane join changes the dqlite voters; MicroK8s refuses
-  concurrent ones), `--worker` for workers;
+- joins run one at a time (each control-plane join changes the dqlite membership; one at a
+  time keeps each change whole and a failure points at one node), `--worker` for workers;
 - a node that `microk8s kubectl get nodes` already lists (by name or address) is not joined
   again, so a rerun continues after the last node that joined;
 - finally every node must be listed and Ready; a timeout names the nodes that are not.

@@ -5,7 +5,10 @@ when done (`gapkit.node.install`):
 
 1. **upload** the snaps and assertions the node lacks to `/var/lib/gapkit/snaps/` (and, for
    side-loading on >= 1.27, a lean images tar of the node's platform to MicroK8s' pre-install
-   side-load folder, so the images are there when containerd first starts);
+   side-load folder, so the images are there when containerd first starts). Over SSH each
+   bundle member is copied once into a local temp file, which SFTP sends to every node (the
+   runner skips a file already there with the same sha256); the images tar is exported once
+   per platform;
 2. **install**: `snap ack` + `snap install` snapd, the base, then `microk8s --classic`;
 3. **configure** containerd for the mirror (hosts.toml for every upstream of the bundle's
    images) and/or the proxy, through `gapkit.node.configure.plan_configure`, the same plans
