@@ -471,10 +471,16 @@ def test_over_ssh_snaps_and_images_travel_by_sftp_proxy_config_lands_and_the_clu
 
 
 @needs_netns
-def test_over_ssh_the_mirror_lands_as_hosts_toml_on_every_node(
+def test_over_ssh_an_unreachable_node_stops_everything_then_the_mirror_lands_everywhere(
         bundle: Bundle, ssh_nodes_factory: Callable[..., SSHNodes]) -> None:
     nodes = ssh_nodes_factory(2)
     inventory = nodes.inventory(images={"mode": "mirror", "mirror": bundle.mirror})
+    nodes.node("node2").kill_sshd()
+    refused = nodes.gapkit("cluster", "up", "-i", str(inventory), str(bundle.path))
+    assert refused.returncode == 1
+    assert "1 node(s) cannot be reached (node2); nothing was changed" in refused.stderr
+    assert node_calls(nodes, "node1") == []
+    nodes.node("node2").start_sshd()
     result = nodes.gapkit("cluster", "up", "-i", str(inventory), str(bundle.path), timeout=120)
     assert result.returncode == 0, result.stderr
     for node in nodes.nodes:
