@@ -504,6 +504,7 @@ def cluster_check_command(
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, metavar="S",
                                            help="Seconds to wait for each port.")] = 2.0,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Nodes at once.")] = 10,
+    etcd: Annotated[bool, typer.Option("--etcd", help="Also port 12379 (a non-HA etcd cluster).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print every check as JSON.")] = False,
 ) -> None:
     """`node check` on every node at once, and the port matrix between them; one table.
@@ -513,7 +514,7 @@ def cluster_check_command(
     from gapkit.cluster.check import check_cluster
     from gapkit.cluster.inventory import load_inventory
 
-    report = asyncio.run(check_cluster(load_inventory(inventory), timeout, jobs))
+    report = asyncio.run(check_cluster(load_inventory(inventory), timeout, jobs, etcd))
     if as_json:
         ui.stdout.print_json(json.dumps(report.to_json()))
     else:

@@ -6,7 +6,10 @@ usual POSIX tools (`cat`, `mv`, `mkdir`, `sha256sum`); gapkit never runs there.
 
 - Commands: `argv` is quoted for the node's shell; with `sudo`, `sudo -n --` goes first (no
   password prompt: a sudo that wants one fails at once, and says so). Each command has a
-  timeout (`command_timeout`; `run(..., timeout=)`), and every result is kept in `history`.
+  timeout (`command_timeout`; `run(..., timeout=)`): gapkit stops waiting and closes the
+  channel (a command that never reads or writes again may go on running on the node). Every
+  result is kept in `history`. At most `MAX_SESSIONS` commands run at once per node, below
+  sshd's default `MaxSessions 10`.
 - Files: `write_file` streams the content to `sh` on the node, which writes a temp file in the
   same folder, `sync`s it, and renames it over the target (through sudo when set).
 - Uploads: `upload()` skips a file already there with the same sha256; otherwise it copies over
@@ -66,6 +69,8 @@ _FINISH = (
     'if [ "$sum" != "$5" ]; then rm -f -- "$2"; echo "sha256 on the node is $sum" >&2; exit 3; fi; '
     'sync "$2" 2>/dev/null || true; mv -f -- "$2" "$3"')
 _SHA256 = 'test -f "$1" || exit 20; sha256sum -- "$1" | cut -d" " -f1'
+#: Commands at once over one connection: sshd's default MaxSessions is 10, SFTP takes one.
+MAX_SESSIONS = 8
 
 
 def sha256_file(path: Path) -> str:
@@ -100,6 +105,8 @@ class SSHRunner:
         self.notes: list[str] = []
         self._conn: asyncssh.SSHClientConnection | None = None
         self._sftp: asyncssh.SFTPClient | None = None
+        # sshd allows 10 sessions per connection (MaxSessions); the SFTP client holds one.
+        self._sessions = asyncio.Semaphore(MAX_SESSIONS)
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -220,14 +227,15 @@ class SSHRunner:
         limit = timeout if timeout is not None else self.target.command_timeout
         await self.connect()
         try:
-            if isinstance(stdin, Path):
-                if not stdin.is_file():
-                    raise self._error(step, f"cannot read {stdin}: no such file")
-                result = await self.conn.run(line, stdin=stdin, encoding=None, check=False,
-                                             timeout=limit)
-            else:
-                result = await self.conn.run(line, input=stdin, encoding=None, check=False,
-                                             timeout=limit)
+            if isinstance(stdin, Path) and not stdin.is_file():
+                raise self._error(step, f"cannot read {stdin}: no such file")
+            async with self._sessions:
+                if isinstance(stdin, Path):
+                    result = await self.conn.run(line, stdin=stdin, encoding=None, check=False,
+                                                 timeout=limit)
+                else:
+                    result = await self.conn.run(line, input=stdin, encoding=None, check=False,
+                                                 timeout=limit)
         except asyncssh.TimeoutError as exc:
             printed = _text(exc.stdout) + _text(exc.stderr)
             raise self._error(step, f"no answer within {limit:g} s; stopped", output=printed,

@@ -245,8 +245,7 @@ class SSHNodes:
             f"ListenAddress {node.address}\nPort 22\nHostKey {host_key}\n"
             f"PidFile {folder / 'sshd.pid'}\nAuthorizedKeysFile /etc/gapkit-tests-keys/%u\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-            "StrictModes no\nPermitRootLogin prohibit-password\nMaxSessions 30\n"
-            "MaxStartups 30:30:60\nLogLevel VERBOSE\n"
+            "StrictModes no\nPermitRootLogin prohibit-password\nLogLevel VERBOSE\n"
             f"SetEnv PATH={path}\nSubsystem sftp internal-sftp\n")
         # The node's own /etc (the upper layer of an overlay): users, sudo, names.
         (etc / "sudoers.d").mkdir(parents=True)
