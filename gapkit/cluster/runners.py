@@ -137,7 +137,8 @@ class SSHRunner:
             return
         t = self.target
         where = f"{t.user}@{t.address}:{t.port}"
-        accept_new = t.accept_new_host_keys and not self._host_known()
+        known = self._host_known()
+        accept_new = t.accept_new_host_keys and not known
         if not accept_new and not t.known_hosts.is_file():
             raise self._error("connect", f"no known_hosts file {t.known_hosts} to check the host "
                               "key of " + where,
@@ -156,6 +157,14 @@ class SSHRunner:
                 keepalive_interval=15, keepalive_count_max=4,
             ), t.connect_timeout + 5)
         except asyncssh.HostKeyNotVerifiable as exc:
+            if not known:
+                raise self._error("connect", f"the host key of {where} is unknown: it is not in "
+                                  f"{t.known_hosts}",
+                                  hint=f"add it (`ssh-keyscan -p {t.port} {t.address} >> "
+                                  f"{t.known_hosts}`, then compare the fingerprint with the "
+                                  "node's `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`), "
+                                  "or set `accept_new_host_keys: true` to trust it on first "
+                                  "connect") from None
             raise self._error("connect", f"the host key of {where} is not the one in "
                               f"{t.known_hosts} ({exc.reason})",
                               hint="if the node was reinstalled, remove its old key with "
@@ -453,8 +462,11 @@ async def fan_out(items: Iterable[K], fn: Callable[[K], Awaitable[T]], limit: in
             except GapkitError as exc:
                 return NodeResult(name(item), error=exc)
 
-    results = await asyncio.gather(*(one(item) for item in items))
-    return FanOut(list(results))
+    results = await asyncio.gather(*(one(item) for item in items), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return FanOut([r for r in results if isinstance(r, NodeResult)])
 
 
 @contextlib.asynccontextmanager

@@ -235,8 +235,9 @@ async def test_host_keys_are_checked_and_new_ones_only_accepted_when_asked(two: 
     swapped = inventory(two, ssh={"known_hosts": str(wrong), "accept_new_host_keys": True})
     with two.from_jump():
         with pytest.raises(NodeStepError, match=r"node1: connect: the host key of root@198\.51\.100\.11:22 "
-                           r"is not the one in"):
+                           r"is unknown: it is not in") as unknown:
             await runner(strict, "node1").connect()
+        assert unknown.value.hint is not None and "ssh-keyscan -p 22 198.51.100.11" in unknown.value.hint
         async with runner(trusting, "node1") as node:
             assert (await node.run(["true"])).returncode == 0
         assert node.notes and "accepted the new host key of root@198.51.100.11:22 (SHA256:" in node.notes[0]
@@ -270,6 +271,18 @@ async def test_fan_out_is_bounded_and_keeps_every_nodes_result() -> None:
     assert [r.node for r in done.errors] == ["n3"]
     with pytest.raises(GapkitError, match="n3: step: broken"):
         done.raise_first()
+
+    async def buggy(n: int) -> int:
+        if n == 0:
+            raise KeyError("a bug")
+        await asyncio.sleep(0.05)
+        finished.append(n)
+        return n
+
+    finished: list[int] = []
+    with pytest.raises(KeyError):  # a bug is no node's error: it propagates, after the others
+        await fan_out(range(3), buggy, limit=3)
+    assert finished == [1, 2]
 
 
 async def test_fan_out_over_nodes_one_down(ssh_nodes: SSHNodes) -> None:

@@ -282,7 +282,11 @@ class SSHNodes:
             f"mount -t overlay overlay -o lowerdir=/etc,upperdir={f}/upper/etc,workdir={f}/work/etc /etc; "
             f"mount -t overlay overlay -o lowerdir=/var,upperdir={f}/upper/var,workdir={f}/work/var /var; "
             "mount -t tmpfs -o mode=755 tmpfs /run; mkdir -p /run/sshd /var/snap /var/lib/snapd; "
-            f'hostname {node.name}; touch {ready}; exec sleep 100000')
+            f"hostname {node.name}; touch {ready}; "
+            # Lives as long as the test process: if that is killed outright, the keeper goes
+            # too, and takes the node's sshd with it (the namespaces go with the next run).
+            f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; "
+            f"kill $(cat {f}/sshd.pid) 2>/dev/null || true")
         node.keeper = node.ns.popen("unshare", "-m", "--uts", "--propagation", "private",
                                     "sh", "-c", script, log=f / "keeper.log")
         deadline = time.monotonic() + 10
