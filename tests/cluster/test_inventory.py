@@ -122,3 +122,13 @@ def test_a_cluster_needs_a_control_plane_node(tmp_path: Path) -> None:
 
 def test_not_yaml_names_the_line(tmp_path: Path) -> None:
     assert ":3: not valid YAML" in problem(tmp_path, "nodes:\n  - name: a\n  address: x\n")
+
+
+def test_the_cli_reports_inventory_mistakes_with_exit_code_2(tmp_path: Path) -> None:
+    from tests.support.cli import gapkit
+
+    path = write(tmp_path, "nodes:\n  - {name: a, address: 198.51.100.11, port: 0}\n")
+    for command in ("check", "status"):
+        result = gapkit("cluster", command, "-i", str(path), check=False)
+        assert result.returncode == 2
+        assert f"{path}:2: nodes[0].port: Input should be greater than or equal to 1" in result.stderr
