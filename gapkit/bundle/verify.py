@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gapkit.bundle.model import BUNDLE_JSON, BundleManifest
+from gapkit.bundle.model import BUNDLE_JSON, BundleManifest, BundleSnap
 from gapkit.errors import GapkitError, StoreError
 from gapkit.oci.model import INDEX_MEDIA_TYPES, Descriptor, Digest, Platform
 from gapkit.oci.reference import Reference
@@ -106,10 +106,17 @@ async def verify_bundle(path: Path, jobs: int | None = None) -> VerifyReport:
         platforms = ({Platform.parse(p) for p in manifest.platforms} if manifest else None)
         with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2,
                                 thread_name_prefix="gapkit-verify") as pool:
-            await _check_blobs(store, pool, report)
-            await _check_images(store, platforms, manifest, report)
-            if manifest is not None:
-                await _check_snaps(store, pool, manifest, report)
+            # Snaps are hashed first, beside the blobs: they are the biggest members, and
+            # sha3-384 runs at about a quarter of sha256's speed. Their problems are still
+            # reported after those of the blobs and images.
+            snaps = _start_snaps(store, pool, manifest) if manifest is not None else []
+            try:
+                await _check_blobs(store, pool, report)
+                await _check_images(store, platforms, manifest, report)
+                await _check_snaps(store, snaps, report)
+            finally:
+                for snap in snaps:
+                    snap.cancel()
     finally:
         await store.close()
     report.seconds = time.monotonic() - started
@@ -134,7 +141,7 @@ async def _bundle_manifest(store: ArchiveStore, report: VerifyReport) -> BundleM
 async def _check_blobs(store: ArchiveStore, pool: ThreadPoolExecutor,
                        report: VerifyReport) -> None:
     loop = asyncio.get_running_loop()
-    work: list[tuple[Digest, asyncio.Future[tuple[str, ...]]]] = []
+    blobs: list[tuple[Digest, Path, _Range]] = []
     for name in store.member_names():
         match = _BLOB_MEMBER.match(name)
         if not match:
@@ -146,8 +153,15 @@ async def _check_blobs(store: ArchiveStore, pool: ThreadPoolExecutor,
         file, offset, size = location
         report.blobs += 1
         report.blob_bytes += size
-        work.append((digest, loop.run_in_executor(
-            pool, _hash_range, file, _Range(offset, size), (digest.algorithm,))))
+        blobs.append((digest, file, _Range(offset, size)))
+    # Biggest first: a big blob that starts last keeps one thread hashing while the others
+    # idle (in member order, on bench/'s 1 GB bundle, that tail was ~4% of the time on 2
+    # threads and ~17% on 4). Results are still taken, and problems reported, in member order.
+    futures: dict[int, asyncio.Future[tuple[str, ...]]] = {}
+    for i in sorted(range(len(blobs)), key=lambda i: -blobs[i][2].size):
+        digest, file, where = blobs[i]
+        futures[i] = loop.run_in_executor(pool, _hash_range, file, where, (digest.algorithm,))
+    work = [(digest, futures[i]) for i, (digest, _, _) in enumerate(blobs)]
     for digest, future in work:
         try:
             (actual,) = await future
@@ -220,26 +234,74 @@ async def _check_present(store: ArchiveStore, name: str, blobs: Iterable[Descrip
                 name, f"blob {blob.digest} is {location[2]} bytes, the manifest says {blob.size}"))
 
 
-async def _check_snaps(store: ArchiveStore, pool: ThreadPoolExecutor, manifest: BundleManifest,
-                       report: VerifyReport) -> None:
-    from gapkit.snaps import SnapAssertions, SnapError
+@dataclass
+class _SnapCheck:
+    """One snap of bundle.json: a problem found before hashing, or its hashes under way."""
 
+    snap: BundleSnap
+    problem: Problem | None = None
+    size: int = 0
+    sha256: asyncio.Future[tuple[str, ...]] | None = None
+    sha3_384: asyncio.Future[tuple[str, ...]] | None = None
+
+    def cancel(self) -> None:
+        """Drop hashing not started yet (verify stopped on an error); a finished job's own
+        error counts as seen, the one that stopped verify is reported."""
+        for future in (self.sha256, self.sha3_384):
+            if future is None:
+                continue
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()
+
+
+def _start_snaps(store: ArchiveStore, pool: ThreadPoolExecutor,
+                 manifest: BundleManifest) -> list[_SnapCheck]:
+    """Check each snap's members and size, and start hashing those that pass.
+
+    sha256 and sha3-384 are two jobs, so they run on two cores; sha3-384 jobs go first, the
+    biggest snap first, since they take longest.
+    """
     loop = asyncio.get_running_loop()
+    checks: list[_SnapCheck] = []
+    members = store.member_names()
+    ranges: list[tuple[_SnapCheck, Path, _Range]] = []
     for snap in manifest.snaps:
-        report.snaps += 1
-        members = store.member_names()
         missing = [m for m in (snap.file, snap.assertion) if m not in members]
         if missing:
-            report.problems.append(Problem(snap.name, f"member {', '.join(missing)} is missing"))
+            checks.append(_SnapCheck(snap, Problem(snap.name, f"member {', '.join(missing)} is missing")))
             continue
         location = store.member_location(snap.file)
         assert location is not None
         file, offset, size = location
         if size != snap.size:
-            report.problems.append(Problem(snap.file, f"is {size} bytes, bundle.json says {snap.size}"))
+            checks.append(_SnapCheck(snap, Problem(
+                snap.file, f"is {size} bytes, bundle.json says {snap.size}")))
             continue
-        sha256, sha3 = await loop.run_in_executor(
-            pool, _hash_range, file, _Range(offset, size), ("sha256", "sha3_384"))
+        check = _SnapCheck(snap, size=size)
+        checks.append(check)
+        ranges.append((check, file, _Range(offset, size)))
+    ranges.sort(key=lambda item: -item[2].size)
+    for check, file, where in ranges:
+        check.sha3_384 = loop.run_in_executor(pool, _hash_range, file, where, ("sha3_384",))
+    for check, file, where in ranges:
+        check.sha256 = loop.run_in_executor(pool, _hash_range, file, where, ("sha256",))
+    return checks
+
+
+async def _check_snaps(store: ArchiveStore, checks: list[_SnapCheck], report: VerifyReport) -> None:
+    from gapkit.snaps import SnapAssertions, SnapError
+
+    for check in checks:
+        report.snaps += 1
+        snap, size = check.snap, check.size
+        if check.problem is not None:
+            report.problems.append(check.problem)
+            continue
+        assert check.sha256 is not None and check.sha3_384 is not None
+        (sha256,) = await check.sha256
+        (sha3,) = await check.sha3_384
         if sha256 != snap.sha256 or _sha3_b64(sha3) != snap.sha3_384:
             report.problems.append(Problem(snap.file, "damaged: its content does not match "
                                            "the digests bundle.json records"))
