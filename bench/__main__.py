@@ -1,24 +1,47 @@
-"""`python -m bench copy [--size-mb 1000] [--rounds 3] [--jobs N ...] [--big-layer-mb 0] [--smoke]`."""
+"""gapkit's benchmarks against its peers (see bench/README.md and shared/BENCHMARKS.md).
+
+    python -m bench copy   [--size-mb 1000] [--rounds 3] [--jobs N ...] [--big-layer-mb 0] [--smoke]
+    python -m bench verify [--size-mb 1000] [--rounds 3] [--smoke]
+    python -m bench bundle [--size-mb 1000] [--rounds 3] [--smoke]
+    python -m bench smoke  (the smoke of copy, verify and bundle on one workload, for CI)
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 SCENARIOS = ("pull", "push", "layout", "startup", "big", "sweep")
+PREFAULT_HELP = ("do not touch 2.5x the workload's bytes of page cache before each timed run "
+                 "(on VMs that hand freed memory back to the host, runs then depend on what "
+                 "ran before; see bench/README.md)")
+
+
+def _common(parser: argparse.ArgumentParser, smoke_help: str | None = None) -> None:
+    if smoke_help is not None:
+        parser.add_argument("--size-mb", type=float, default=1000,
+                            help="MB of unique layers in the 12-image workload (default 1000)")
+        parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+        parser.add_argument("--smoke", action="store_true", help=smoke_help)
+        parser.add_argument("--json", action="store_true", help="print the results as JSON")
+        parser.add_argument("--save", type=Path, metavar="FILE",
+                            help="also write the JSON results here")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder (for debugging)")
+    parser.add_argument("--tmp", type=Path, help="make the temp folder here")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     copy = commands.add_parser(
         "copy", help="gapkit copy against skopeo copy (registry <-> OCI layout)",
         description="gapkit copy against skopeo copy, per shared/BENCHMARKS.md. Generates its "
         "workload and starts its own registries on loopback, in a temp folder it removes.")
-    copy.add_argument("--size-mb", type=float, default=1000,
-                      help="MB of unique layers in the 12-image workload (default 1000)")
-    copy.add_argument("--rounds", type=int, default=3, help="rounds per scenario (default 3)")
+    _common(copy, "~20 MB, 1 round, no sweep, no floors: a check that runs in seconds")
     copy.add_argument("--jobs", type=int, nargs="+", default=[2, 4, 6, 8, 12], metavar="N",
                       help="--jobs values to sweep (default 2 4 6 8 12)")
     copy.add_argument("--big-layer-mb", type=int, default=0, metavar="MiB",
@@ -26,35 +49,101 @@ def parse(argv: list[str]) -> argparse.Namespace:
     copy.add_argument("--big-rounds", type=int, default=1, help="rounds of the big-layer runs")
     copy.add_argument("--only", default=",".join(SCENARIOS),
                       help=f"comma-separated scenarios out of {','.join(SCENARIOS)} (default: all)")
-    copy.add_argument("--smoke", action="store_true",
-                      help="~20 MB, 1 round, no sweep, no floors: a check that runs in seconds")
     copy.add_argument("--no-floors", action="store_true",
                       help="skip measuring this machine's hashing/transfer/disk floors")
     copy.add_argument("--profile", type=Path, metavar="DIR",
                       help="also run one cProfile'd pull and push (one process); stats into DIR")
-    copy.add_argument("--json", action="store_true", help="print the results as JSON")
-    copy.add_argument("--save", type=Path, metavar="FILE", help="also write the JSON results here")
-    copy.add_argument("--keep", action="store_true", help="keep the temp folder (for debugging)")
-    copy.add_argument("--tmp", type=Path, help="make the temp folder here")
+    copy.add_argument("--no-prefault", action="store_true", help=PREFAULT_HELP)
+    verify = commands.add_parser(
+        "verify", help="gapkit bundle verify against sha256sum of the same bytes",
+        description="Builds a bundle of the workload with gapkit bundle create, then times "
+        "gapkit bundle verify against sha256sum (1 and 2 processes) of the extracted blob "
+        "files and hashlib on 2 threads (the floor), warm page cache.")
+    _common(verify, "~20 MB, 1 round: a check that runs in seconds")
+    bundle = commands.add_parser(
+        "bundle", help="gapkit bundle create against skopeo (+ sync)",
+        description="gapkit bundle create (empty cache, and warm cache) against skopeo "
+        "copying the same 12 images into one layout + sync, into a layout then one tar + "
+        "sync, and into one oci-archive per image + sync.")
+    _common(bundle, "~20 MB, 1 round: a check that runs in seconds")
+    bundle.add_argument("--no-prefault", action="store_true", help=PREFAULT_HELP)
+    smoke = commands.add_parser(
+        "smoke", help="the smoke runs of copy, verify and bundle on one small workload (CI)",
+        description="Runs `copy --smoke`, `verify --smoke` and `bundle --smoke` on one ~20 MB "
+        "workload and registry. Exit 0 unless something fails (speed targets do not count).")
+    _common(smoke)
     args = parser.parse_args(argv)
-    unknown = set(args.only.split(",")) - set(SCENARIOS)
-    if unknown:
-        parser.error(f"--only: unknown scenario(s) {', '.join(sorted(unknown))}")
-    if args.rounds < 1 or args.big_rounds < 1 or any(j < 1 for j in args.jobs):
-        parser.error("--rounds, --big-rounds and --jobs take positive numbers")
+    if args.command == "copy":
+        unknown = set(args.only.split(",")) - set(SCENARIOS)
+        if unknown:
+            parser.error(f"--only: unknown scenario(s) {', '.join(sorted(unknown))}")
+        if args.big_rounds < 1 or any(j < 1 for j in args.jobs):
+            parser.error("--big-rounds and --jobs take positive numbers")
+    if getattr(args, "rounds", 1) < 1:
+        parser.error("--rounds takes a positive number")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    from bench.copy_bench import Options
-    from bench.copy_bench import main as copy_main
+    if args.command == "copy":
+        from bench.copy_bench import Options
+        from bench.copy_bench import main as copy_main
 
-    return copy_main(Options(
-        size_mb=args.size_mb, rounds=args.rounds, jobs=args.jobs, big_layer_mb=args.big_layer_mb,
-        big_rounds=args.big_rounds, smoke=args.smoke, as_json=args.json, keep=args.keep,
-        floors=not args.no_floors, only=set(args.only.split(",")), profile=args.profile,
-        tmp=args.tmp, save=args.save))
+        return copy_main(Options(
+            size_mb=args.size_mb, rounds=args.rounds, jobs=args.jobs,
+            big_layer_mb=args.big_layer_mb, big_rounds=args.big_rounds, smoke=args.smoke,
+            as_json=args.json, keep=args.keep, floors=not args.no_floors,
+            only=set(args.only.split(",")), profile=args.profile, tmp=args.tmp, save=args.save,
+            prefault=not args.no_prefault))
+    if args.command == "verify":
+        from bench.verify_bench import VerifyOptions
+        from bench.verify_bench import main as verify_main
+
+        return verify_main(VerifyOptions(size_mb=args.size_mb, rounds=args.rounds,
+                                         smoke=args.smoke, as_json=args.json, keep=args.keep,
+                                         tmp=args.tmp, save=args.save))
+    if args.command == "bundle":
+        from bench.bundle_bench import BundleOptions
+        from bench.bundle_bench import main as bundle_main
+
+        return bundle_main(BundleOptions(size_mb=args.size_mb, rounds=args.rounds,
+                                         smoke=args.smoke, as_json=args.json, keep=args.keep,
+                                         tmp=args.tmp, save=args.save,
+                                         prefault=not args.no_prefault))
+    return smoke(args.tmp, args.keep)
+
+
+def smoke(tmp: Path | None, keep: bool) -> int:
+    """copy, verify and bundle smoke runs on one shared workload and registry."""
+    from bench import bundle_bench, copy_bench, verify_bench
+    from bench.common import log, require_tools, workload_setup
+
+    if not require_tools("skopeo", "docker-registry", "sha256sum", "tar"):
+        return 2
+    started = time.perf_counter()
+    copy_options = copy_bench.Options(smoke=True, floors=False)
+    copy_bench.apply_smoke(copy_options)
+    verify_options = verify_bench.VerifyOptions(smoke=True)
+    verify_bench.apply_smoke(verify_options)
+    bundle_options = bundle_bench.BundleOptions(smoke=True)
+    bundle_bench.apply_smoke(bundle_options)
+    results: list[tuple[str, int, float]] = []
+    with workload_setup(copy_options.size_mb, tmp=tmp, keep=keep) as setup:
+        parts: list[tuple[str, Callable[[], int]]] = [
+            ("copy", lambda: copy_bench.run(copy_options, setup)),
+            ("verify", lambda: verify_bench.run(verify_options, setup)),
+            ("bundle", lambda: bundle_bench.run(bundle_options, setup))]
+        for name, run in parts:
+            log(f"==== smoke: {name}")
+            part = time.perf_counter()
+            results.append((name, run(), time.perf_counter() - part))
+            print()
+    code = max(code for _, code, _ in results)
+    log("smoke: " + ", ".join(f"{name} {'ok' if code == 0 else f'FAILED (exit {code})'} in "
+                              f"{seconds:.1f} s" for name, code, seconds in results)
+        + f"; {time.perf_counter() - started:.1f} s in all")
+    return code
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ Scenarios (`--only` picks some):
 
 - `pull`: registry -> one OCI layout. skopeo: 12 `skopeo copy --all` then `sync` (gapkit fsyncs
   every blob, so durable is compared with durable). gapkit: 12 `gapkit copy --all-platforms`
-  (one per image, as a user would, since a registry source takes one image per invocation),
-  and one process copying all 12 through the library (`bench/multi_copy.py`).
+  (one per image), ONE `gapkit copy` with all 12 images as sources (`gapkit copy SRC... DST`,
+  cp-style), and one process copying all 12 through the library (`bench/multi_copy.py`).
 - `push`: OCI layout -> a fresh, empty registry per run, one image per invocation for both, and
   gapkit's one-process form.
 - `layout`: OCI layout -> OCI layout, all 12: 12 skopeo runs + sync against ONE
@@ -25,17 +25,11 @@ Scenarios (`--only` picks some):
 from __future__ import annotations
 
 import http.client
-import json
 import os
-import platform
 import pstats
-import shlex
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,24 +39,37 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.workload import (
-    MB,
-    ImageInfo,
-    MiB,
-    Workload,
-    build_workload,
-    describe,
-    index_digests,
-    push_workload,
+from bench.common import (
+    PREFAULT_FACTOR,
+    REPO_ROOT,
+    RSS_TARGET_MB,
+    BenchFailure,
+    Contender,
+    Logs,
+    Sample,
+    Scenario,
+    Setup,
+    fmt,
+    gapkit_command,
+    hash_files,
+    log,
+    prefault,
+    require_tools,
+    rss_method,
+    run_commands,
+    run_scenario,
+    versions,
+    workload_setup,
+    write_report,
 )
+from bench.workload import MB, ImageInfo, MiB, Workload, describe, index_digests
 from tests.support.peers import Registry
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 #: BENCHMARKS.md's physical floors for 1 GB on the reference machine (seconds).
 DOC_FLOORS_PER_GB = {"hash_2_threads": 0.35, "loopback_transfer": 1.4, "durable_write": 4.4}
 #: BENCHMARKS.md's skopeo results on the reference machine (seconds, for ~1 GB).
 DOC_SKOPEO = {"pull": 5.39, "push": 12.47}
-TARGETS = {"pull": 0.6, "push": 0.5, "rss_mb": 100.0}
+TARGETS = {"pull": 0.6, "push": 0.5, "rss_mb": RSS_TARGET_MB}
 MANIFEST_ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -70,102 +77,16 @@ MANIFEST_ACCEPT = ", ".join([
 ])
 
 
-class BenchFailure(Exception):
-    """A copy failed, or its result was wrong."""
+def verify_layout(dest: Path, images: list[ImageInfo],
+                  name_of: Callable[[ImageInfo], str] | None = None) -> None:
+    """Each image is named by its source digest, and every blob it needs is there, whole.
 
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# -- running and measuring commands ---------------------------------------------------------------
-
-@dataclass
-class Sample:
-    """One timed run of one contender."""
-
-    seconds: float
-    #: user + system CPU of the tool's own processes (not the registry's).
-    cpu_s: float
-    #: The largest peak RSS of any of the tool's processes.
-    peak_rss_mb: float
-    #: CPU the registry used meanwhile (when a registry takes part).
-    server_cpu_s: float | None = None
-
-
-def _proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-#: GNU time reports the peak RSS of the process it forks itself. `wait4()` from here would not
-#: do: subprocess starts children with vfork, and Linux then counts the benchmark's own RSS at
-#: the moment of exec into the child's ru_maxrss (a ~55 MB floor under every number).
-TIME = shutil.which("time", path="/usr/bin:/bin")
-
-
-def rss_method() -> str:
-    if TIME:
-        return "GNU time (/usr/bin/time -f %M) around each process"
-    return ("wait4() (no /usr/bin/time: every RSS is at least the benchmark's own RSS; "
-            "apt-get install time)")
-
-
-def run_commands(commands: list[list[str]], log_file: Path, *, sync: bool = False,
-                 server: Registry | None = None, cwd: Path | None = None) -> Sample:
-    """Run `commands` one after another (then `sync(2)` when asked); time them as one.
-
-    Peak RSS and CPU come from GNU time around each process (from `wait4` without it).
-    """
-    server_pid = server.process.pid if server is not None and server.process is not None else None
-    server_before = _proc_cpu_s(server_pid) if server_pid else 0.0
-    cpu = 0.0
-    rss_kib = 0
-    usage_file = log_file.with_suffix(".time")
-    with open(log_file, "ab") as out:
-        start = time.perf_counter()
-        for command in commands:
-            wrapped = ([TIME, "-f", "%U %S %M", "-o", str(usage_file), *command] if TIME
-                       else command)
-            proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                    cwd=cwd)
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            if TIME:
-                user, system, peak = usage_file.read_text().split()[-3:]
-                cpu += float(user) + float(system)
-                rss_kib = max(rss_kib, int(peak))
-            else:
-                cpu += usage.ru_utime + usage.ru_stime
-                rss_kib = max(rss_kib, usage.ru_maxrss)
-            if proc.returncode != 0:
-                out.flush()
-                tail = log_file.read_bytes()[-3000:].decode(errors="replace")
-                raise BenchFailure(f"exit {proc.returncode}: {shlex.join(command)}\n{tail}")
-        if sync:
-            os.sync()
-        seconds = time.perf_counter() - start
-    server_cpu = _proc_cpu_s(server_pid) - server_before if server_pid else None
-    return Sample(seconds, cpu, rss_kib * 1024 / MB, server_cpu)
-
-
-def gapkit_command() -> list[str]:
-    """The installed `gapkit` script, called directly (a pyenv shim would add ~0.1 s a run)."""
-    beside = Path(sys.executable).parent / "gapkit"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("gapkit")
-    return [found] if found else [sys.executable, "-c", "from gapkit.cli import main; main()"]
-
-
-# -- checking results -------------------------------------------------------------------------
-
-def verify_layout(dest: Path, images: list[ImageInfo]) -> None:
-    """Each image is named by its source digest, and every blob it needs is there, whole."""
+    `name_of` gives the name an image has in `dest` (default: its name in the workload)."""
     names = index_digests(dest)
     for image in images:
-        if names.get(image.name) != image.digest:
-            raise BenchFailure(f"{dest}: {image.name} is {names.get(image.name)}, "
+        name = name_of(image) if name_of else image.name
+        if names.get(name) != image.digest:
+            raise BenchFailure(f"{dest}: {name} is {names.get(name)}, "
                                f"the source has {image.digest}")
         for digest, size in image.blobs.items():
             path = dest / "blobs" / "sha256" / digest.split(":", 1)[1]
@@ -200,57 +121,22 @@ def verify_registry(registry: Registry, images: list[ImageInfo]) -> None:
 
 # -- scenarios --------------------------------------------------------------------------------
 
-@dataclass
-class Contender:
-    key: str
-    label: str
-    #: Exactly what the timer covers.
-    timed: str
-    is_peer: bool
-    run: Callable[[], Sample]
-    samples: list[Sample] = field(default_factory=list)
-    failure: str | None = None
-
-    def median(self, attr: str = "seconds") -> float | None:
-        values = [getattr(s, attr) for s in self.samples if getattr(s, attr) is not None]
-        return statistics.median(values) if values else None
-
-    def peak_rss_mb(self) -> float | None:
-        return max((s.peak_rss_mb for s in self.samples), default=None)
-
-
-@dataclass
-class Scenario:
-    key: str
-    title: str
-    nbytes: int
-    contenders: list[Contender]
-    target_ratio: float | None = None
-    floor_s: float | None = None
-    floor_what: str = ""
-    rounds: int = 1
-
-    @property
-    def peer(self) -> Contender | None:
-        return next((c for c in self.contenders if c.is_peer), None)
-
-
 class Bench:
     """The temp folder, the workload, the source registry, and the contenders' commands."""
 
-    def __init__(self, tmp: Path, workload: Workload, source_registry: Registry) -> None:
+    def __init__(self, tmp: Path, workload: Workload, source_registry: Registry,
+                 logs: Path | None = None, prefault_bytes: int = 0) -> None:
         self.tmp = tmp
         self.workload = workload
         self.source = source_registry
+        #: Memory touched before each timed run (`bench.common.prefault`).
+        self.prefault_bytes = prefault_bytes
         self.gapkit = gapkit_command()
-        self.logs = tmp / "logs"
-        self.logs.mkdir(exist_ok=True)
-        self._runs = 0
+        self.logs = Logs(logs or tmp / "logs")
         self._registries: list[Registry] = []
 
     def _log_file(self, key: str) -> Path:
-        self._runs += 1
-        return self.logs / f"{self._runs:03d}-{key}.log"
+        return self.logs.next(key)
 
     # fresh destinations, made and removed outside the timer
 
@@ -259,6 +145,7 @@ class Bench:
         dest = self.tmp / "dst-layout"
         shutil.rmtree(dest, ignore_errors=True)
         os.sync()  # nothing of earlier runs left to write back while this one is timed
+        prefault(self.tmp, self.prefault_bytes)
         try:
             yield dest
         finally:
@@ -266,11 +153,12 @@ class Bench:
 
     @contextmanager
     def fresh_registry(self) -> Iterator[Registry]:
-        registry = Registry(self.tmp / f"dst-registry-{self._runs}")
+        registry = Registry(self.tmp / f"dst-registry-{self.logs.runs}")
         self._registries.append(registry)
         try:
             registry.start()
             os.sync()
+            prefault(self.tmp, self.prefault_bytes)
             yield registry
         finally:
             registry.stop()
@@ -292,14 +180,15 @@ class Bench:
             command.append("--dest-tls-verify=false")
         return [*command, source, destination]
 
-    def gapkit_copy(self, src: str, dst: str, plain_http: str | None,
+    def gapkit_copy(self, src: str | list[str], dst: str, plain_http: str | None,
                     jobs: int | None = None) -> list[str]:
+        """`gapkit copy` of one source, or of several into one destination (cp-style)."""
         command = [*self.gapkit, "copy", "--json", "--all-platforms"]
         if plain_http:
             command += ["--plain-http", plain_http]
         if jobs:
             command += ["--jobs", str(jobs)]
-        return [*command, src, dst]
+        return [*command, *([src] if isinstance(src, str) else src), dst]
 
     def multi_copy(self, src: str, dst: str, names: list[str], plain_http: str | None,
                    jobs: int | None = None, cprofile: Path | None = None) -> list[str]:
@@ -363,6 +252,25 @@ class Bench:
         return Contender("gapkit-1proc", f"gapkit 1 process{jobs_text}",
                          f"one process, one copy() of all {len(images)} images "
                          f"(`python -m bench.multi_copy{jobs_text}`, fsyncs its blobs)", False, run)
+
+    def pull_gapkit_many_sources(self, images: list[ImageInfo]) -> Contender:
+        """ONE `gapkit copy` with every image as a source: one start-up, one copy run, shared
+        blobs fetched once. Each image keeps its source name (`REG/calico/cni:v3.28.1`)."""
+        host = self.source.host
+
+        def run() -> Sample:
+            with self.fresh_layout() as dest:
+                sample = run_commands(
+                    [self.gapkit_copy([f"docker://{host}/{i.repo_path}" for i in images],
+                                      f"oci:{dest}", host)],
+                    self._log_file("pull-gapkit-many"), server=self.source)
+                verify_layout(dest, images, lambda i: f"{host}/{i.repo_path}")
+            return sample
+
+        return Contender("gapkit-cli-many", f"gapkit x1 ({len(images)} sources)",
+                         f"ONE `gapkit copy --all-platforms docker://REG/IMAGE1 ... "
+                         f"docker://REG/IMAGE{len(images)} oci:DIR` (cp-style, shared blobs "
+                         "fetched once; fsyncs its blobs)", False, run)
 
     def push_skopeo(self, images: list[ImageInfo]) -> Contender:
         def run() -> Sample:
@@ -439,30 +347,6 @@ class Bench:
                          "names; fsyncs its blobs)", False, run)
 
 
-def run_scenario(scenario: Scenario, failures: list[str]) -> None:
-    """`rounds` rounds; each round runs every contender once, starting one further along."""
-    contenders = scenario.contenders
-    for round_no in range(scenario.rounds):
-        shift = round_no % len(contenders)
-        for contender in contenders[shift:] + contenders[:shift]:
-            if contender.failure is not None:
-                continue
-            try:
-                sample = contender.run()
-            except (BenchFailure, OSError, subprocess.SubprocessError, TimeoutError) as exc:
-                contender.failure = f"{type(exc).__name__}: {exc}"
-                failures.append(f"{scenario.title} / {contender.label}: {contender.failure}")
-                log(f"FAILED {scenario.key} / {contender.label}: {contender.failure}")
-                continue
-            contender.samples.append(sample)
-            server = (f", registry {sample.server_cpu_s:.1f} CPU-s"
-                      if sample.server_cpu_s is not None else "")
-            round_text = f" round {round_no + 1}/{scenario.rounds}" if scenario.rounds > 1 else ""
-            log(f"{scenario.key}{round_text} {contender.label}: "
-                f"{sample.seconds:.2f} s, {sample.cpu_s:.1f} CPU-s, "
-                f"peak RSS {sample.peak_rss_mb:.0f} MB{server}")
-
-
 # -- the floors -------------------------------------------------------------------------------
 
 def measure_floors(bench: Bench, images: list[ImageInfo]) -> dict[str, float]:
@@ -476,20 +360,7 @@ def measure_floors(bench: Bench, images: list[ImageInfo]) -> dict[str, float]:
     out: dict[str, float] = {}
 
     # hashing: hashlib.sha256 on two threads, 1 MiB reads from the (warm) page cache
-    import hashlib
-
-    def hash_files(files: list[Path]) -> None:
-        for path in files:
-            digest = hashlib.sha256()
-            with open(path, "rb", buffering=0) as f:
-                while chunk := f.read(MiB):
-                    digest.update(chunk)
-
-    ordered = sorted(paths, key=lambda p: -p.stat().st_size)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(hash_files, [ordered[0::2], ordered[1::2]]))
-    out["hash_2_threads"] = time.perf_counter() - start
+    out["hash_2_threads"] = hash_files(paths, 2)
 
     # loopback transfer: curl GET of every blob from the registry, 8 at once
     config = bench.tmp / "curl-get.cfg"
@@ -559,10 +430,6 @@ def measure_floors(bench: Bench, images: list[ImageInfo]) -> dict[str, float]:
 
 # -- reporting --------------------------------------------------------------------------------
 
-def _fmt(value: float | None, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def scenario_rows(scenario: Scenario) -> list[dict[str, Any]]:
     peer = scenario.peer
     peer_s = peer.median() if peer else None
@@ -607,13 +474,13 @@ def render_table(scenarios: list[Scenario]) -> str:
             target = f" (<= {row['target_ratio']})" if row["target_ratio"] else ""
             verdict = {True: " ok", False: " MISSED", None: ""}[row["meets_target"]]
             lines.append(
-                f"| {row['title']} | {row['gapkit']} | {_fmt(row['peer_s'])} | {_fmt(row['gapkit_s'])} "
-                f"| {_fmt(row['ratio'])}{target}{verdict} | {_fmt(row['gapkit_mb_s'], '.0f')} "
-                f"| {_fmt(row['peer_rss_mb'], '.0f')} / {_fmt(row['gapkit_rss_mb'], '.0f')}"
+                f"| {row['title']} | {row['gapkit']} | {fmt(row['peer_s'])} | {fmt(row['gapkit_s'])} "
+                f"| {fmt(row['ratio'])}{target}{verdict} | {fmt(row['gapkit_mb_s'], '.0f')} "
+                f"| {fmt(row['peer_rss_mb'], '.0f')} / {fmt(row['gapkit_rss_mb'], '.0f')}"
                 f"{'' if row['rss_under_target'] else ' (over ' + format(TARGETS['rss_mb'], '.0f') + ')'} "
-                f"| {_fmt(row['peer_cpu_s'], '.1f')} / {_fmt(row['gapkit_cpu_s'], '.1f')} "
-                f"| {_fmt(row['peer_server_cpu_s'], '.1f')} / {_fmt(row['gapkit_server_cpu_s'], '.1f')} "
-                f"| {_fmt(row['floor_s'])} | {_fmt(row['gapkit_over_floor'])} |")
+                f"| {fmt(row['peer_cpu_s'], '.1f')} / {fmt(row['gapkit_cpu_s'], '.1f')} "
+                f"| {fmt(row['peer_server_cpu_s'], '.1f')} / {fmt(row['gapkit_server_cpu_s'], '.1f')} "
+                f"| {fmt(row['floor_s'])} | {fmt(row['gapkit_over_floor'])} |")
     return "\n".join(lines)
 
 
@@ -633,7 +500,7 @@ def render_sweep(sweep: list[Scenario], nbytes: int) -> str:
         cells = []
         for values in by_label.values():
             seconds = values.get(jobs)
-            cells.append(f"{_fmt(seconds)} ({_fmt(nbytes / MB / seconds if seconds else None, '.0f')})")
+            cells.append(f"{fmt(seconds)} ({fmt(nbytes / MB / seconds if seconds else None, '.0f')})")
         lines.append(f"| {jobs} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -643,30 +510,9 @@ def scenario_json(scenario: Scenario) -> dict[str, Any]:
         "key": scenario.key, "title": scenario.title, "bytes": scenario.nbytes,
         "rounds": scenario.rounds, "target_ratio": scenario.target_ratio,
         "floor_s": scenario.floor_s, "floor_what": scenario.floor_what,
-        "contenders": [{
-            "key": c.key, "label": c.label, "timed": c.timed, "is_peer": c.is_peer,
-            "median_s": c.median(), "median_cpu_s": c.median("cpu_s"),
-            "median_server_cpu_s": c.median("server_cpu_s"), "peak_rss_mb": c.peak_rss_mb(),
-            "failure": c.failure,
-            "samples": [vars(s) for s in c.samples],
-        } for c in scenario.contenders],
+        "contenders": [c.to_json() for c in scenario.contenders],
         "rows": scenario_rows(scenario),
     }
-
-
-def _versions() -> dict[str, str]:
-    def first_line(command: list[str]) -> str:
-        try:
-            return subprocess.run(command, capture_output=True, text=True,
-                                  check=False).stdout.strip().splitlines()[0]
-        except (OSError, IndexError):
-            return "?"
-
-    commit = first_line(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
-    from gapkit import __version__
-    return {"gapkit": f"{__version__} ({commit})", "skopeo": first_line(["skopeo", "--version"]),
-            "docker-registry": first_line(["docker-registry", "--version"]),
-            "python": platform.python_version(), "cpus": str(os.cpu_count())}
 
 
 # -- profiling --------------------------------------------------------------------------------
@@ -718,56 +564,42 @@ class Options:
     profile: Path | None = None
     tmp: Path | None = None
     save: Path | None = None
+    #: Touch memory before each timed run (`bench.common.prefault`).
+    prefault: bool = True
+
+
+def apply_smoke(options: Options) -> None:
+    """`--smoke`: ~20 MB, 1 round, no sweep, start-up or floors."""
+    options.size_mb, options.rounds, options.floors = min(options.size_mb, 20), 1, False
+    options.only -= {"sweep", "startup"}
 
 
 def main(options: Options) -> int:
     if options.smoke:
-        options.size_mb, options.rounds, options.floors = min(options.size_mb, 20), 1, False
-        options.only -= {"sweep", "startup"}
-    for tool in ("skopeo", "docker-registry", "curl"):
-        if shutil.which(tool) is None and (tool != "curl" or options.floors):
-            print(f"bench: {tool} is not installed (see bench/README.md)", file=sys.stderr)
-            return 2
-    tmp = Path(tempfile.mkdtemp(prefix="gapkit-bench-", dir=options.tmp))
-    source = Registry(tmp / "src-registry")
-    benches: list[Bench] = []
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        return _run(options, tmp, source, benches)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for bench in benches:
-            bench.stop_all()
-        source.stop()
-        if options.keep:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _run(options: Options, tmp: Path, source: Registry, benches: list[Bench]) -> int:
-    started = time.perf_counter()
-    log(f"workload: {options.size_mb:g} MB"
-        + (f" + one {options.big_layer_mb} MiB layer" if options.big_layer_mb else "") + f" in {tmp}")
-    t0 = time.perf_counter()
+        apply_smoke(options)
+    if not require_tools("skopeo", "docker-registry", *(["curl"] if options.floors else [])):
+        return 2
     big_mb = options.big_layer_mb if "big" in options.only else 0
-    workload = build_workload(tmp / "src-layout", options.size_mb, big_mb)
+    with workload_setup(options.size_mb, big_layer_mb=big_mb, tmp=options.tmp,
+                        keep=options.keep) as setup:
+        return run(options, setup)
+
+
+def run(options: Options, setup: Setup) -> int:
+    """Every scenario `options` asks for, on a workload and source registry already set up."""
+    prefault_bytes = int(PREFAULT_FACTOR * setup.workload.unique_bytes()) if options.prefault else 0
+    bench = Bench(setup.tmp, setup.workload, setup.source, setup.tmp / "logs-copy", prefault_bytes)
+    try:
+        return _run(options, bench)
+    finally:
+        bench.stop_all()
+
+
+def _run(options: Options, bench: Bench) -> int:
+    started = time.perf_counter()
+    workload = bench.workload
     shape = describe(workload)
-    log(f"generated {shape['images']} images, {shape['unique_layers']} unique layers, "
-        f"{shape['unique_mb']} MB unique ({shape['mb_without_sharing']} MB without sharing) "
-        f"in {time.perf_counter() - t0:.1f} s")
-    source.start()
-    t0 = time.perf_counter()
-    push_workload(workload, source)
-    os.sync()  # setup's dirty pages are written back now, not during the timed runs
-    log(f"pushed the workload into the source registry {source.host} with skopeo "
-        f"in {time.perf_counter() - t0:.1f} s")
-    bench = Bench(tmp, workload, source)
-    benches.append(bench)
+    big_mb = options.big_layer_mb if workload.big is not None else 0
     failures: list[str] = []
     images = workload.images
     nbytes = workload.unique_bytes()
@@ -786,7 +618,8 @@ def _run(options: Options, tmp: Path, source: Registry, benches: list[Bench]) ->
     if "pull" in options.only:
         scenarios.append(Scenario(
             "pull", "registry -> OCI layout (durable)", nbytes,
-            [bench.pull_skopeo(images), bench.pull_gapkit_cli(images), bench.pull_gapkit_one(images)],
+            [bench.pull_skopeo(images), bench.pull_gapkit_cli(images), bench.pull_gapkit_one(images),
+             bench.pull_gapkit_many_sources(images)],
             TARGETS["pull"], pull_floor,
             "max(hash on 2 threads, loopback GET, durable write)" + ("" if floors else " (BENCHMARKS.md)"),
             options.rounds))
@@ -851,12 +684,13 @@ def _run(options: Options, tmp: Path, source: Registry, benches: list[Bench]) ->
         profiles = profile_runs(bench, images, options.profile)
 
     report: dict[str, Any] = {
-        "versions": _versions(),
+        "versions": versions(),
         "workload": shape,
         "options": {"size_mb": options.size_mb, "rounds": options.rounds, "jobs": options.jobs,
                     "big_layer_mb": big_mb, "smoke": options.smoke},
         "durability": "gapkit fsyncs every blob it writes to a layout; skopeo's layout runs are "
                       "timed up to the end of a sync(2) after its last copy",
+        "prefault_mb": bench.prefault_bytes / MB,
         "peak_rss_from": rss_method(),
         "floors_measured_s": floors,
         "floors_benchmarks_md_s": doc_floors,
@@ -867,12 +701,8 @@ def _run(options: Options, tmp: Path, source: Registry, benches: list[Bench]) ->
         "failures": failures,
         "seconds": time.perf_counter() - started,
     }
-    if options.save is not None:
-        options.save.write_text(json.dumps(report, indent=2) + "\n")
-    if options.as_json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(render_report(report, scenarios, sweep, nbytes))
+    write_report(report, render_report(report, scenarios, sweep, nbytes), as_json=options.as_json,
+                 save=options.save)
     log(f"done in {report['seconds']:.0f} s" + (f", {len(failures)} failure(s)" if failures else ""))
     return 1 if failures else 0
 
@@ -888,6 +718,8 @@ def render_report(report: dict[str, Any], scenarios: list[Scenario], sweep: list
         f"medians of {report['options']['rounds']} round(s), peer and gapkit alternating; warm page "
         "cache; fresh empty destination every run.",
         f"durability: {report['durability']}.",
+        f"memory touched before each timed run (bench.common.prefault): "
+        f"{report['prefault_mb']:.0f} MB.",
         f"peak RSS (MB = 10^6 bytes) and CPU from: {report['peak_rss_from']}.",
         "",
         render_table(scenarios),

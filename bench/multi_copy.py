@@ -1,8 +1,8 @@
 """One gapkit process copying many images, through gapkit's library API.
 
-`gapkit copy` takes one image per invocation from a registry (only a layout or an archive
-source can hand over all its images at once), so to time gapkit's copy engine on the whole
-workload in one run, as `bundle create` will use it, the benchmark runs this instead:
+This times gapkit's copy engine on the whole workload in one run, without the CLI (it was
+written when `gapkit copy` took one registry image per invocation; `gapkit copy SRC... DST`
+now takes many, and the benchmark times that form too, beside this one):
 
     python -m bench.multi_copy --src 'docker://127.0.0.1:PORT/{repo}' --dst 'oci:DIR:{name}' \
         [--plain-http 127.0.0.1:PORT] [--jobs N] [--cprofile FILE] NAME...
