@@ -3,7 +3,8 @@
     python -m bench copy   [--size-mb 1000] [--rounds 3] [--jobs N ...] [--big-layer-mb 0] [--smoke]
     python -m bench verify [--size-mb 1000] [--rounds 3] [--smoke]
     python -m bench bundle [--size-mb 1000] [--rounds 3] [--smoke]
-    python -m bench smoke  (the smoke of copy, verify and bundle on one workload, for CI)
+    python -m bench registry [--size-mb 1000] [--rounds 3] [--blob-seconds 5] [--smoke]
+    python -m bench smoke  (the smoke of copy, verify, bundle and registry on one workload, for CI)
 """
 
 from __future__ import annotations
@@ -67,10 +68,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "sync, and into one oci-archive per image + sync.")
     _common(bundle, "~20 MB, 1 round: a check that runs in seconds")
     bundle.add_argument("--no-prefault", action="store_true", help=PREFAULT_HELP)
+    registry = commands.add_parser(
+        "registry", help="gapkit registry serve/push against docker-registry and skopeo",
+        description="ctr pull / content fetch of every image from gapkit registry serve and "
+        "from docker-registry holding the same images, 32 concurrent blob clients against "
+        "each, and gapkit registry push against skopeo copy into an empty docker-registry.")
+    _common(registry, "~20 MB, 1 round, 1 s blob runs: a check that runs in seconds")
+    registry.add_argument("--blob-seconds", type=float, default=5.0,
+                          help="seconds of each 32-client blob run (default 5)")
+    registry.add_argument("--clients", type=int, default=32,
+                          help="concurrent blob clients (default 32)")
+    registry.add_argument("--no-prefault", action="store_true", help=PREFAULT_HELP)
     smoke = commands.add_parser(
-        "smoke", help="the smoke runs of copy, verify and bundle on one small workload (CI)",
-        description="Runs `copy --smoke`, `verify --smoke` and `bundle --smoke` on one ~20 MB "
-        "workload and registry. Exit 0 unless something fails (speed targets do not count).")
+        "smoke",
+        help="the smoke runs of copy, verify, bundle and registry on one small workload (CI)",
+        description="Runs `copy --smoke`, `verify --smoke`, `bundle --smoke` and `registry "
+        "--smoke` on one ~20 MB workload and registry. Exit 0 unless something fails (speed "
+        "targets do not count).")
     _common(smoke)
     args = parser.parse_args(argv)
     if args.command == "copy":
@@ -111,15 +125,23 @@ def main(argv: list[str] | None = None) -> int:
                                          smoke=args.smoke, as_json=args.json, keep=args.keep,
                                          tmp=args.tmp, save=args.save,
                                          prefault=not args.no_prefault))
+    if args.command == "registry":
+        from bench.registry_bench import RegistryOptions
+        from bench.registry_bench import main as registry_main
+
+        return registry_main(RegistryOptions(
+            size_mb=args.size_mb, rounds=args.rounds, smoke=args.smoke, as_json=args.json,
+            keep=args.keep, tmp=args.tmp, save=args.save, prefault=not args.no_prefault,
+            blob_seconds=args.blob_seconds, clients=args.clients))
     return smoke(args.tmp, args.keep)
 
 
 def smoke(tmp: Path | None, keep: bool) -> int:
-    """copy, verify and bundle smoke runs on one shared workload and registry."""
-    from bench import bundle_bench, copy_bench, verify_bench
+    """copy, verify, bundle and registry smoke runs on one shared workload and registry."""
+    from bench import bundle_bench, copy_bench, registry_bench, verify_bench
     from bench.common import log, require_tools, workload_setup
 
-    if not require_tools("skopeo", "docker-registry", "sha256sum", "tar"):
+    if not require_tools("skopeo", "docker-registry", "sha256sum", "tar", "containerd", "ctr"):
         return 2
     started = time.perf_counter()
     copy_options = copy_bench.Options(smoke=True, floors=False)
@@ -128,12 +150,15 @@ def smoke(tmp: Path | None, keep: bool) -> int:
     verify_bench.apply_smoke(verify_options)
     bundle_options = bundle_bench.BundleOptions(smoke=True)
     bundle_bench.apply_smoke(bundle_options)
+    registry_options = registry_bench.RegistryOptions(smoke=True)
+    registry_bench.apply_smoke(registry_options)
     results: list[tuple[str, int, float]] = []
     with workload_setup(copy_options.size_mb, tmp=tmp, keep=keep) as setup:
         parts: list[tuple[str, Callable[[], int]]] = [
             ("copy", lambda: copy_bench.run(copy_options, setup)),
             ("verify", lambda: verify_bench.run(verify_options, setup)),
-            ("bundle", lambda: bundle_bench.run(bundle_options, setup))]
+            ("bundle", lambda: bundle_bench.run(bundle_options, setup)),
+            ("registry", lambda: registry_bench.run(registry_options, setup))]
         for name, run in parts:
             log(f"==== smoke: {name}")
             part = time.perf_counter()
