@@ -6,6 +6,8 @@ Each error carries a message (what went wrong, naming the file, image or node) a
 
 from __future__ import annotations
 
+import re
+
 
 class GapkitError(Exception):
     """Base of every error gapkit reports to a user."""
@@ -40,7 +42,8 @@ class DigestMismatch(GapkitError):
 
     def __init__(self, expected: str, actual: str, where: str = "") -> None:
         place = f" from {where}" if where else ""
-        detail = f"it hashes to {actual}" if ":" in actual else actual
+        is_digest = re.fullmatch(r"[a-z0-9]+:[0-9a-f]+", actual) is not None
+        detail = f"it hashes to {actual}" if is_digest else actual
         super().__init__(
             f"blob {expected}{place} has the wrong content ({detail})",
             hint="the source is damaged or is not serving what it claims; nothing was kept",

@@ -258,3 +258,23 @@ def test_several_sources_copy_into_one_layout_fetching_shared_blobs_once(
                      f"oci:{tmp_path / 'both'}:{registry.host}/coredns/coredns:1.10.1",
                      f"oci:{tmp_path / 'x'}:one/name:1", check=False)
     assert refused.returncode == 2 and "several sources" in refused.stderr
+
+
+def test_a_damaged_blob_pushed_to_a_registry_is_refused_by_it_and_kept_nowhere(
+        registry: Registry, tmp_path: Path) -> None:
+    """Into a registry gapkit does not hash twice: the registry checks each upload's digest
+    (see `Store.verifies_digests`). Wrong bytes must still fail, naming the blob."""
+    layer = make_layer(40, 3_000_000)
+    write_layout(tmp_path / "w", [ImageSpec("app", [layer])])
+    blob = tmp_path / "w" / "blobs" / "sha256" / layer.blob.digest.split(":", 1)[1]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
+    out = gapkit("copy", "--plain-http", registry.host, f"oci:{tmp_path / 'w'}:app",
+                 f"docker://{registry.host}/team/app:1", check=False)
+    assert out.returncode == 1, out.stderr
+    assert layer.blob.digest in out.stderr and "Traceback" not in out.stderr
+    status, _, _ = registry.request(f"/v2/team/app/blobs/{layer.blob.digest}", method="HEAD")
+    assert status == 404
+    status, _, _ = registry.request("/v2/team/app/manifests/1", method="HEAD")
+    assert status == 404

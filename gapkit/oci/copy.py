@@ -249,7 +249,8 @@ class _Copier:
                 self.on_event(BlobStarted(desc.digest, desc.size))
                 stream = VerifiedStream(
                     self.source.open_blob(src_repo, desc), desc, where=str(src_repo),
-                    on_bytes=lambda n: self.on_event(BlobProgress(desc.digest, n)))
+                    on_bytes=lambda n: self.on_event(BlobProgress(desc.digest, n)),
+                    checked_by_destination=getattr(self.destination, "verifies_digests", False))
                 try:
                     await self.destination.put_blob(dst_repo, desc, stream)
                 finally:

@@ -359,6 +359,9 @@ class ArchiveStore:
     Blobs are global: the repository argument of the blob methods is ignored.
     """
 
+    #: Blobs are hashed here only when the stream is not already a VerifiedStream (see `Store`).
+    verifies_digests = False
+
     def __init__(self, path: Path, format: ArchiveFormat) -> None:
         """Use `open` or `create`."""
         self.path = path

@@ -32,7 +32,14 @@ CHUNK_SIZE = 1024 * 1024
 
 @runtime_checkable
 class Store(Protocol):
-    """Where images live. Implementations: registry, OCI layout, tar archive."""
+    """Where images live. Implementations: registry, OCI layout, tar archive.
+
+    A store whose `verifies_digests` is True checks every blob's digest itself before it keeps
+    the blob (a registry computes it on upload and refuses a mismatch, which the store reports
+    as `DigestMismatch`); the copy engine then does not hash the same bytes a second time.
+    """
+
+    verifies_digests: bool
 
     async def get_manifest(self, ref: Reference) -> Manifest:
         """The manifest or index `ref` names, with its exact bytes."""

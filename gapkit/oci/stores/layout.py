@@ -38,6 +38,9 @@ _PARTIAL_PREFIX = ".partial-"
 class LayoutStore:
     """A store backed by an OCI image layout folder."""
 
+    #: Blobs are hashed here only when the stream is not already a VerifiedStream (see `Store`).
+    verifies_digests = False
+
     def __init__(self, root: Path, create: bool = True, durable: bool = True) -> None:
         """Open (or create) the layout at `root`.
 

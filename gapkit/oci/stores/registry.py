@@ -301,6 +301,9 @@ class _UploadBody:
 class RegistryStore:
     """The `Store` protocol over the OCI distribution API, for any number of registries."""
 
+    #: A registry computes every upload's digest and refuses a mismatch (see `Store`).
+    verifies_digests = True
+
     def __init__(
         self,
         hosts: Mapping[str, HostOptions] | None = None,
@@ -993,7 +996,7 @@ class RegistryStore:
                              f"{'push' if method not in ('GET', 'HEAD') else 'pull'}: "
                              f"--creds {ep.host_key}=USER:PASSWORD")
         if digest is not None and ("DIGEST_INVALID" in codes or "SIZE_INVALID" in codes):
-            return DigestMismatch(str(digest), f"the registry refused it: {detail}", ep.name())
+            return DigestMismatch(str(digest), f"the registry {ep.name()} refused it: {detail}")
         if status == 429:
             return RegistryError(f"{where} kept refusing {what}: too many requests ({detail})",
                                  hint="wait and run again; Docker Hub limits anonymous pulls, "

@@ -311,7 +311,7 @@ async def test_a_failing_stream_commits_nothing_and_keeps_its_error(
                                      VerifiedStream(store.open_blob(repo, desc), liar))
             assert await store.head_blob(target, liar.digest) is None
             # Unverified bytes: the registry itself refuses them, reported as a mismatch.
-            with pytest.raises(DigestMismatch, match="registry refused it"):
+            with pytest.raises(DigestMismatch, match=r"the registry \S+ refused it"):
                 await store.put_blob(target, liar, store.open_blob(repo, desc))
             assert await store.head_blob(target, liar.digest) is None
     finally:
