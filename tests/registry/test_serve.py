@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 from tests.support.cli import gapkit
 from tests.support.containerd import Containerd
 from tests.support.images import Blob, ImageSpec, Layer, make_layer, write_layout
+from tests.support.microk8s import cri_pull
 from tests.support.peers import free_port
 from tests.support.upstreams import Upstreams
 
@@ -444,35 +445,6 @@ def test_serve_refuses_an_htpasswd_without_bcrypt(bundle: BundleSource, tmp_path
 # containerd's CRI plugin: config_path
 
 
-def _cri_pull(socket_path: str, image: str) -> str:
-    """CRI `ImageService/PullImage`, as the kubelet sends it (protobuf written by hand:
-    PullImageRequest{image: ImageSpec{image: NAME}} -> PullImageResponse{image_ref})."""
-    grpc = pytest.importorskip("grpc")
-
-    def field(number: int, payload: bytes) -> bytes:
-        return bytes([number << 3 | 2]) + _varint(len(payload)) + payload
-
-    request = field(1, field(1, image.encode()))
-    with grpc.insecure_channel(f"unix://{socket_path}") as channel:
-        call = channel.unary_unary("/runtime.v1.ImageService/PullImage",
-                                   request_serializer=lambda b: b,
-                                   response_deserializer=lambda b: b)
-        answer: bytes = call(request, timeout=60)
-    assert answer[0] == 0x0A
-    length = answer[1]
-    return answer[2:2 + length].decode()
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def test_the_cri_plugin_pulls_through_hosts_toml_under_config_path(
         bundle: BundleSource, bundle_server: Served, tmp_path: Path) -> None:
     pytest.importorskip("grpc")
@@ -481,7 +453,7 @@ def test_the_cri_plugin_pulls_through_hosts_toml_under_config_path(
         daemon.start()
         write_hosts(daemon.certs_dir, ["registry.k8s.io", "quay.io"], bundle_server.url)
         for name in ("registry.k8s.io/pause:3.10", "quay.io/team/app:1"):
-            ref = _cri_pull(daemon.address, name)
+            ref = cri_pull(daemon.address, name)
             assert ref.startswith("sha256:")
         digests = ctr_digests(daemon)
         assert digests["registry.k8s.io/pause:3.10"] == bundle.digests["registry.k8s.io/pause:3.10"]
