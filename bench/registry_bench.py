@@ -99,7 +99,7 @@ def apply_smoke(options: RegistryOptions) -> None:
 def main(options: RegistryOptions) -> int:
     if options.smoke:
         apply_smoke(options)
-    if not require_tools("skopeo", "docker-registry", "containerd", "ctr"):
+    if not require_tools("skopeo", "docker-registry", "containerd", "ctr", "curl"):
         return 2
     with workload_setup(options.size_mb, tmp=options.tmp, keep=options.keep) as setup:
         return run(options, setup)
@@ -316,6 +316,39 @@ class RegistryBench:
                          f"for {self.options.blob_seconds:g} s; GB/s of bodies received",
                          server.key != "gapkit", run)
 
+    def curl_contender(self, server: Server) -> Contender:
+        """The same 32 transfers in flight from ONE `curl -Z` (C, one thread), as a fixed
+        amount of work: each of the 32 slots fetches its layer `repeat` times."""
+        targets = self.blob_targets()
+        clients = self.options.clients
+        mean = sum(size for _, size in targets) / len(targets)
+        repeat = max(1, round(self.options.blob_seconds * 1e9 / (clients * mean)))
+        jobs = [targets[i % len(targets)] for i in range(clients)] * repeat
+        total = sum(size for _, size in jobs)
+
+        def run() -> Sample:
+            command = ["curl", "-s", "-Z", "--parallel-max", str(clients),
+                       "-w", "%{http_code} %{size_download}\\n"]
+            for path, _ in jobs:
+                command += ["-o", "/dev/null", f"http://{server.host}{path}"]
+            log_file = self.logs.next(f"curl-{server.key}")
+            out = log_file.with_suffix(".out")
+            sample = run_commands([command], log_file, server=server,  # type: ignore[arg-type]
+                                  stdout=out)
+            lines = [line.split() for line in out.read_text().splitlines() if line.strip()]
+            got = sum(int(size) for code, size in lines if code == "200")
+            if len(lines) != len(jobs) or got != total:
+                raise BenchFailure(f"{server.label}: curl got {got} of {total} bytes "
+                                   f"in {len(lines)} of {len(jobs)} transfers")
+            sample.extra["gb_s"] = total / sample.seconds / 1e9
+            return sample
+
+        return Contender(server.key, f"curl -Z x{clients} <- {server.label}",
+                         f"ONE `curl -Z --parallel-max {clients}` of {len(jobs)} GETs "
+                         f"({clients} in flight, each of the {len(targets)} biggest layers "
+                         f"{len(jobs) // len(targets)} times: {total / 1e9:.1f} GB) to "
+                         "/dev/null; GB/s = bytes / wall time", server.key != "gapkit", run)
+
     # push
 
     def push_gapkit(self, source: Path, key: str, label: str) -> Contender:
@@ -373,6 +406,9 @@ def run(options: RegistryOptions, setup: Setup) -> int:
                      PULL_TARGET, rounds=options.rounds),
             Scenario("blobs", f"{options.clients} concurrent clients, biggest blobs", 0,
                      [bench.blobs_contender(gapkit), bench.blobs_contender(dist)],
+                     1.0, rounds=options.rounds),
+            Scenario("blobs-curl", f"{options.clients} transfers in flight from one curl -Z",
+                     0, [bench.curl_contender(gapkit), bench.curl_contender(dist)],
                      1.0, rounds=options.rounds),
             Scenario("push", "push every image into an empty docker-registry", nbytes,
                      [bench.push_gapkit(bench.bundle, "gapkit-bundle",
@@ -434,7 +470,7 @@ def scenario_json(scenario: Scenario) -> dict[str, Any]:
     for c in scenario.contenders:
         seconds = c.median()
         gb_s = c.median_of(_gb_s)
-        if scenario.key == "blobs":
+        if scenario.key.startswith("blobs"):
             # throughput: higher is better; the ratio is gapkit / peer, target >= 1
             value = ratio(gb_s, peer.median_of(_gb_s)) if peer and not c.is_peer else None
             meets = value >= scenario.target_ratio if value is not None else None
@@ -467,7 +503,7 @@ def render(report: dict[str, Any]) -> str:
         "/proc/PID/stat, server peak RSS from /proc/PID/status VmHWM (reset per scenario).",
     ]
     for scenario in report["scenarios"]:
-        blobs = scenario["key"] == "blobs"
+        blobs = scenario["key"].startswith("blobs")
         sense = ">=" if blobs else "<="
         out += ["", f"### {scenario['title']} (target gapkit/peer {sense} "
                 f"{scenario['target']})", "",
