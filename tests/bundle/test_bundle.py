@@ -43,10 +43,7 @@ class Built:
     folder: Path
 
     def source_flags(self) -> list[str]:
-        flags = self.upstreams.mirror_flags()
-        for registry in self.upstreams.registries.values():
-            flags += ["--plain-http", registry.host]
-        return flags
+        return self.upstreams.source_flags()
 
 
 def _snaps(folder: Path) -> Path:

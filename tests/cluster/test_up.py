@@ -35,7 +35,6 @@ from gapkit.cluster.join import ClusterNode, join_url
 from gapkit.cluster.up import UpOptions, UpReport, cluster_up, up_from_inventory
 from gapkit.errors import ClusterError, NodeStepError
 from gapkit.node.plan import CommandResult, LocalRunner
-from tests.support.cli import gapkit
 from tests.support.containerd import Containerd
 from tests.support.microk8s import StandInMicroK8s
 from tests.support.snaps import make_snap
@@ -62,13 +61,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bundle]:
         upstreams.push(images, layer_size=2000)
         for name, revision in SNAPS:
             make_snap(folder / "snaps", name, revision)
-        flags = upstreams.mirror_flags()
-        for registry in upstreams.registries.values():
-            flags += ["--plain-http", registry.host]
-        path = folder / "bundle.tar"
-        gapkit("bundle", "create", "--microk8s", RELEASE, "--snaps-from", str(folder / "snaps"),
-               "--platform", "linux/amd64", "--cache", str(folder / "cache"), "-o", str(path),
-               *flags)
+        path = upstreams.build_bundle(folder / "bundle.tar", microk8s=RELEASE,
+                                      snaps_from=folder / "snaps")
         yield Bundle(path, images, "http://198.51.100.10:5000")
     finally:
         upstreams.stop()
@@ -84,13 +78,8 @@ def bundle_1_24(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bundle]:
         upstreams.push(images, layer_size=2000)
         for name, revision in (("snapd", 21759), ("core18", 2284), ("microk8s", 6530)):
             make_snap(folder / "snaps", name, revision)
-        flags = upstreams.mirror_flags()
-        for registry in upstreams.registries.values():
-            flags += ["--plain-http", registry.host]
-        path = folder / "bundle.tar"
-        gapkit("bundle", "create", "--microk8s", "1.24", "--snaps-from", str(folder / "snaps"),
-               "--platform", "linux/amd64", "--cache", str(folder / "cache"), "-o", str(path),
-               *flags)
+        path = upstreams.build_bundle(folder / "bundle.tar", microk8s="1.24",
+                                      snaps_from=folder / "snaps")
         yield Bundle(path, images, "")
     finally:
         upstreams.stop()

@@ -48,13 +48,8 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
     upstreams = Upstreams(folder / "upstreams")
     try:
         digests = upstreams.push(IMAGES)
-        flags = upstreams.mirror_flags()
-        for registry in upstreams.registries.values():
-            flags += ["--plain-http", registry.host]
-        bundle = folder / "bundle.tar"
-        gapkit("bundle", "create", "--no-snaps", *[f"--image={i}" for i in IMAGES],
-               "--platform", "linux/amd64", "--platform", "linux/arm64",
-               "--cache", str(folder / "cache"), "-o", str(bundle), *flags)
+        bundle = upstreams.build_bundle(folder / "bundle.tar", IMAGES,
+                                        ("linux/amd64", "linux/arm64"))
         yield Source(bundle, upstreams.folder / "layout", digests, folder)
     finally:
         upstreams.stop()

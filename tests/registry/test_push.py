@@ -42,13 +42,8 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
     upstreams = Upstreams(folder / "upstreams")
     try:
         digests = upstreams.push(IMAGES)
-        flags = upstreams.mirror_flags()
-        for registry in upstreams.registries.values():
-            flags += ["--plain-http", registry.host]
-        bundle = folder / "bundle.tar"
-        gapkit("bundle", "create", "--no-snaps", *[f"--image={i}" for i in IMAGES],
-               "--platform", "linux/amd64", "--platform", "linux/arm64",
-               "--cache", str(folder / "cache"), "-o", str(bundle), *flags)
+        bundle = upstreams.build_bundle(folder / "bundle.tar", IMAGES,
+                                        ("linux/amd64", "linux/arm64"))
         yield Source(bundle, digests)
     finally:
         upstreams.stop()
@@ -114,11 +109,8 @@ def test_a_flat_collision_between_upstreams_is_refused_naming_both(
         upstreams: Upstreams, registry: Registry, tmp_path: Path) -> None:
     both = ["docker.io/team/app:1", "quay.io/team/app:1"]
     upstreams.push(both)
-    flags = upstreams.mirror_flags()
-    for reg in upstreams.registries.values():
-        flags += ["--plain-http", reg.host]
     layout = tmp_path / "layout"
-    gapkit("copy", *flags, *[f"docker://{b}" for b in both], f"oci:{layout}")
+    gapkit("copy", *upstreams.source_flags(), *[f"docker://{b}" for b in both], f"oci:{layout}")
     out = gapkit("registry", "push", str(layout), "--to", registry.host, "--plain-http",
                  check=False)
     assert out.returncode == 2

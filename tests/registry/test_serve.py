@@ -209,13 +209,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BundleSource]:
     upstreams = Upstreams(folder / "upstreams")
     try:
         digests = upstreams.push(BUNDLE_IMAGES)
-        flags = upstreams.mirror_flags()
-        for registry in upstreams.registries.values():
-            flags += ["--plain-http", registry.host]
-        path = folder / "bundle.tar"
-        gapkit("bundle", "create", "--no-snaps", *[f"--image={i}" for i in BUNDLE_IMAGES],
-               "--platform", "linux/amd64", "--cache", str(folder / "cache"), "-o", str(path),
-               *flags)
+        path = upstreams.build_bundle(folder / "bundle.tar", BUNDLE_IMAGES)
     finally:
         upstreams.stop()
     yield BundleSource(path, digests, folder)

@@ -52,6 +52,31 @@ class Upstreams:
     def mirror_flags(self) -> list[str]:
         return [f"--mirror={up}=http://{reg.host}" for up, reg in self.registries.items()]
 
+    def source_flags(self) -> list[str]:
+        """`--mirror` and `--plain-http` flags that reach every stand-in, for gapkit commands."""
+        flags = self.mirror_flags()
+        for registry in self.registries.values():
+            flags += ["--plain-http", registry.host]
+        return flags
+
+    def build_bundle(self, path: Path, images: Iterable[str] = (),
+                     platforms: Iterable[str] = ("linux/amd64",), *,
+                     microk8s: str | None = None, snaps_from: Path | None = None,
+                     extra: Iterable[str] = ()) -> Path:
+        """`gapkit bundle create` into `path` from these stand-ins (push the images first).
+
+        Without `microk8s`, an images-only bundle (`--no-snaps`) of `images`; with it, that
+        release's images plus `images`, and its snaps from `snaps_from`.
+        """
+        from tests.support.cli import gapkit
+
+        release = (["--microk8s", microk8s, "--snaps-from", str(snaps_from)] if microk8s
+                   else ["--no-snaps"])
+        gapkit("bundle", "create", *release, *[f"--image={i}" for i in images],
+               *[f"--platform={p}" for p in platforms], "--cache", str(self.folder / "cache"),
+               "-o", str(path), *extra, *self.source_flags())
+        return path
+
     def mirrors(self) -> dict[str, list[str]]:
         return {up: [f"http://{reg.host}"] for up, reg in self.registries.items()}
 
