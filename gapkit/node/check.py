@@ -46,6 +46,7 @@ from gapkit.node.probes import (
     probe_tcp,
     probe_udp,
 )
+from gapkit.oci.auth import parse_user_password
 from gapkit.oci.reference import Reference
 
 Status = Literal["PASS", "WARN", "FAIL"]
@@ -1042,7 +1043,4 @@ async def check_node(options: CheckOptions, runner: Runner | None = None) -> Che
 def parse_creds(text: str | None) -> tuple[str, str] | None:
     if text is None:
         return None
-    user, sep, password = text.partition(":")
-    if not sep or not user:
-        raise UsageError("--creds takes USER:PASS")
-    return user, password
+    return parse_user_password(text)

@@ -45,6 +45,7 @@ import tomlkit.exceptions
 from gapkit.errors import NodeError, UsageError
 from gapkit.node.hosts_toml import directory_name
 from gapkit.node.plan import ApplyReport, Command, FileWrite, Plan, Runner, apply
+from gapkit.oci.auth import parse_user_password
 from gapkit.oci.reference import Repository, is_registry_host, normalise_registry
 from gapkit.registry.push import PushTarget, hosts_files
 
@@ -158,12 +159,7 @@ def parse_mirror(url: str, *, ca: Path | None = None, creds: str | None = None,
             raise UsageError("--ca needs an https:// mirror")
         if not ca.is_file():
             raise UsageError(f"--ca {ca}: not a readable file")
-    credentials = None
-    if creds is not None:
-        user, sep, password = creds.partition(":")
-        if not sep or not user:
-            raise UsageError("--creds: write --creds USER:PASSWORD")
-        credentials = (user, password)
+    credentials = parse_user_password(creds) if creds is not None else None
     if registries and bundle is not None:
         raise UsageError("give --registries or --bundle, not both")
     chosen = None

@@ -221,3 +221,11 @@ class CredentialSource:
             if creds is not None:
                 return creds
         return config.auths.get(key)
+
+
+def parse_user_password(text: str, usage: str = "--creds USER:PASSWORD") -> tuple[str, str]:
+    """`USER:PASSWORD` as the command line gives it (the password may hold colons)."""
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise UsageError(f"{usage.split()[0]}: write {usage}")
+    return user, password

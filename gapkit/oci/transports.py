@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from gapkit.errors import UsageError
+from gapkit.oci.auth import parse_user_password
 from gapkit.oci.copy import DEFAULT_JOBS, CopyReport, CopyRequest, EventHandler, copy
 from gapkit.oci.model import Platform
 from gapkit.oci.reference import Reference, normalise_registry
@@ -213,10 +214,8 @@ def registry_settings_from_flags(
         options.setdefault(host_key(host), {})["ca_file"] = Path(path)
     for item in creds:
         host, secret = _split_flag("creds", item, "REGISTRY=USER:PASSWORD")
-        user, sep, password = secret.partition(":")
-        if not sep or not user:
-            raise UsageError(f"--creds for {host}: write --creds REGISTRY=USER:PASSWORD")
-        options.setdefault(host_key(host), {})["credentials"] = (user, password)
+        options.setdefault(host_key(host), {})["credentials"] = parse_user_password(
+            secret, "--creds REGISTRY=USER:PASSWORD")
     mirror_map: dict[str, list[str]] = {}
     for item in mirrors:
         upstream, url = _split_flag("mirror", item, "UPSTREAM=URL (e.g. docker.io=http://10.0.0.5:5000)")

@@ -19,6 +19,7 @@ from pathlib import Path
 from gapkit.bundle.sources import open_image_source
 from gapkit.errors import UsageError
 from gapkit.node.hosts_toml import Mirror, render, write_hosts_dir
+from gapkit.oci.auth import parse_user_password
 from gapkit.oci.copy import DEFAULT_JOBS, CopyReport, CopyRequest, EventHandler, copy
 from gapkit.oci.model import Platform
 from gapkit.oci.reference import Reference, Repository, is_registry_host
@@ -84,12 +85,7 @@ class PushReport:
 def host_options(plain_http: bool = False, ca: Path | None = None, creds: str | None = None,
                  insecure: bool = False) -> HostOptions:
     """The push target's connection settings from `--plain-http`, `--ca`, `--creds USER:PASS`."""
-    credentials = None
-    if creds is not None:
-        user, sep, password = creds.partition(":")
-        if not sep or not user:
-            raise UsageError("--creds: write --creds USER:PASSWORD")
-        credentials = (user, password)
+    credentials = parse_user_password(creds) if creds is not None else None
     if ca is not None and not ca.is_file():
         raise UsageError(f"--ca {ca}: not a readable file")
     return HostOptions(plain_http=plain_http, ca_file=ca, skip_verify=insecure,
