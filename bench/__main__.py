@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 SCENARIOS = ("pull", "push", "layout", "startup", "big", "sweep")
 PREFAULT_HELP = ("do not touch 2.5x the workload's bytes of page cache before each timed run "
@@ -98,6 +99,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _shared(args: argparse.Namespace) -> dict[str, Any]:
+    """The `BenchOptions` fields every benchmark's flags give."""
+    return {"size_mb": args.size_mb, "rounds": args.rounds, "smoke": args.smoke,
+            "as_json": args.json, "keep": args.keep, "tmp": args.tmp, "save": args.save,
+            "prefault": not getattr(args, "no_prefault", False)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.command == "copy":
@@ -105,34 +113,25 @@ def main(argv: list[str] | None = None) -> int:
         from bench.copy_bench import main as copy_main
 
         return copy_main(Options(
-            size_mb=args.size_mb, rounds=args.rounds, jobs=args.jobs,
-            big_layer_mb=args.big_layer_mb, big_rounds=args.big_rounds, smoke=args.smoke,
-            as_json=args.json, keep=args.keep, floors=not args.no_floors,
-            only=set(args.only.split(",")), profile=args.profile, tmp=args.tmp, save=args.save,
-            prefault=not args.no_prefault))
+            **_shared(args), jobs=args.jobs, big_layer_mb=args.big_layer_mb,
+            big_rounds=args.big_rounds, floors=not args.no_floors,
+            only=set(args.only.split(",")), profile=args.profile))
     if args.command == "verify":
         from bench.verify_bench import VerifyOptions
         from bench.verify_bench import main as verify_main
 
-        return verify_main(VerifyOptions(size_mb=args.size_mb, rounds=args.rounds,
-                                         smoke=args.smoke, as_json=args.json, keep=args.keep,
-                                         tmp=args.tmp, save=args.save))
+        return verify_main(VerifyOptions(**_shared(args)))
     if args.command == "bundle":
         from bench.bundle_bench import BundleOptions
         from bench.bundle_bench import main as bundle_main
 
-        return bundle_main(BundleOptions(size_mb=args.size_mb, rounds=args.rounds,
-                                         smoke=args.smoke, as_json=args.json, keep=args.keep,
-                                         tmp=args.tmp, save=args.save,
-                                         prefault=not args.no_prefault))
+        return bundle_main(BundleOptions(**_shared(args)))
     if args.command == "registry":
         from bench.registry_bench import RegistryOptions
         from bench.registry_bench import main as registry_main
 
         return registry_main(RegistryOptions(
-            size_mb=args.size_mb, rounds=args.rounds, smoke=args.smoke, as_json=args.json,
-            keep=args.keep, tmp=args.tmp, save=args.save, prefault=not args.no_prefault,
-            blob_seconds=args.blob_seconds, clients=args.clients))
+            **_shared(args), blob_seconds=args.blob_seconds, clients=args.clients))
     return smoke(args.tmp, args.keep)
 
 
@@ -145,13 +144,11 @@ def smoke(tmp: Path | None, keep: bool) -> int:
         return 2
     started = time.perf_counter()
     copy_options = copy_bench.Options(smoke=True, floors=False)
-    copy_bench.apply_smoke(copy_options)
     verify_options = verify_bench.VerifyOptions(smoke=True)
-    verify_bench.apply_smoke(verify_options)
     bundle_options = bundle_bench.BundleOptions(smoke=True)
-    bundle_bench.apply_smoke(bundle_options)
     registry_options = registry_bench.RegistryOptions(smoke=True)
-    registry_bench.apply_smoke(registry_options)
+    for options in (copy_options, verify_options, bundle_options, registry_options):
+        options.apply_smoke()
     results: list[tuple[str, int, float]] = []
     with workload_setup(copy_options.size_mb, tmp=tmp, keep=keep) as setup:
         parts: list[tuple[str, Callable[[], int]]] = [

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     PREFAULT_FACTOR,
     RSS_TARGET_MB,
+    BenchOptions,
     Contender,
     Logs,
     Sample,
@@ -63,27 +63,12 @@ TARGET_RATIO = 0.6
 BUNDLE_MEMBERS = ("gapkit/bundle.json",)
 
 
-@dataclass
-class BundleOptions:
-    size_mb: float = 1000
-    rounds: int = 3
-    smoke: bool = False
-    as_json: bool = False
-    keep: bool = False
-    tmp: Path | None = None
-    save: Path | None = None
-    #: Touch memory before each timed run (`bench.common.prefault`).
-    prefault: bool = True
-
-
-def apply_smoke(options: BundleOptions) -> None:
-    """`--smoke`: ~20 MB, 1 round: a check that everything runs, in seconds."""
-    options.size_mb, options.rounds = min(options.size_mb, 20), 1
+BundleOptions = BenchOptions
 
 
 def main(options: BundleOptions) -> int:
     if options.smoke:
-        apply_smoke(options)
+        options.apply_smoke()
     if not require_tools("skopeo", "docker-registry", "tar"):
         return 2
     with workload_setup(options.size_mb, tmp=options.tmp, keep=options.keep) as setup:

@@ -70,6 +70,25 @@ def require_tools(*tools: str) -> bool:
 # -- running and measuring commands ---------------------------------------------------------------
 
 @dataclass
+class BenchOptions:
+    """What every benchmark takes; each adds its own fields in a subclass."""
+
+    size_mb: float = 1000
+    rounds: int = 3
+    smoke: bool = False
+    as_json: bool = False
+    keep: bool = False
+    tmp: Path | None = None
+    save: Path | None = None
+    #: Touch memory before each timed run (`prefault`).
+    prefault: bool = True
+
+    def apply_smoke(self) -> None:
+        """`--smoke`: ~20 MB, 1 round: a check that everything runs, in seconds."""
+        self.size_mb, self.rounds = min(self.size_mb, 20), 1
+
+
+@dataclass
 class Sample:
     """One timed run of one contender."""
 

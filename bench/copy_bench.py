@@ -44,6 +44,7 @@ from bench.common import (
     REPO_ROOT,
     RSS_TARGET_MB,
     BenchFailure,
+    BenchOptions,
     Contender,
     Logs,
     Sample,
@@ -549,34 +550,25 @@ def _top_stats(path: Path, limit: int = 25) -> str:
 # -- the command ------------------------------------------------------------------------------
 
 @dataclass
-class Options:
-    size_mb: float = 1000
-    rounds: int = 3
+class Options(BenchOptions):
     jobs: list[int] = field(default_factory=lambda: [2, 4, 6, 8, 12])
     big_layer_mb: int = 0
     big_rounds: int = 1
-    smoke: bool = False
-    as_json: bool = False
-    keep: bool = False
     floors: bool = True
     only: set[str] = field(default_factory=lambda: {"pull", "push", "layout", "startup", "big",
                                                     "sweep"})
     profile: Path | None = None
-    tmp: Path | None = None
-    save: Path | None = None
-    #: Touch memory before each timed run (`bench.common.prefault`).
-    prefault: bool = True
 
-
-def apply_smoke(options: Options) -> None:
-    """`--smoke`: ~20 MB, 1 round, no sweep, start-up or floors."""
-    options.size_mb, options.rounds, options.floors = min(options.size_mb, 20), 1, False
-    options.only -= {"sweep", "startup"}
+    def apply_smoke(self) -> None:
+        """`--smoke`: ~20 MB, 1 round, no sweep, start-up or floors."""
+        super().apply_smoke()
+        self.floors = False
+        self.only -= {"sweep", "startup"}
 
 
 def main(options: Options) -> int:
     if options.smoke:
-        apply_smoke(options)
+        options.apply_smoke()
     if not require_tools("skopeo", "docker-registry", *(["curl"] if options.floors else [])):
         return 2
     big_mb = options.big_layer_mb if "big" in options.only else 0

@@ -45,6 +45,7 @@ from bench.common import (
     PREFAULT_FACTOR,
     REPO_ROOT,
     BenchFailure,
+    BenchOptions,
     Contender,
     Logs,
     Sample,
@@ -76,29 +77,22 @@ CLIENTS = 32
 
 
 @dataclass
-class RegistryOptions:
-    size_mb: float = 1000
-    rounds: int = 3
-    smoke: bool = False
-    as_json: bool = False
-    keep: bool = False
-    tmp: Path | None = None
-    save: Path | None = None
-    prefault: bool = True
+class RegistryOptions(BenchOptions):
     #: Seconds each 32-client blob run lasts.
     blob_seconds: float = 5.0
     clients: int = CLIENTS
 
+    def apply_smoke(self) -> None:
+        """`--smoke`: ~20 MB, 1 round, 1 s blob runs: a check that everything runs."""
+        super().apply_smoke()
+        self.blob_seconds = min(self.blob_seconds, 1.0)
 
-def apply_smoke(options: RegistryOptions) -> None:
-    """`--smoke`: ~20 MB, 1 round, 1 s blob runs: a check that everything runs."""
-    options.size_mb, options.rounds = min(options.size_mb, 20), 1
-    options.blob_seconds = min(options.blob_seconds, 1.0)
+
 
 
 def main(options: RegistryOptions) -> int:
     if options.smoke:
-        apply_smoke(options)
+        options.apply_smoke()
     if not require_tools("skopeo", "docker-registry", "containerd", "ctr", "curl"):
         return 2
     with workload_setup(options.size_mb, tmp=options.tmp, keep=options.keep) as setup:

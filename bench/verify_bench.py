@@ -26,12 +26,12 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     BenchFailure,
+    BenchOptions,
     Contender,
     Logs,
     Sample,
@@ -60,25 +60,13 @@ TARGET_GB_S = 2.0
 GB = 1e9
 
 
-@dataclass
-class VerifyOptions:
-    size_mb: float = 1000
-    rounds: int = 3
-    smoke: bool = False
-    as_json: bool = False
-    keep: bool = False
-    tmp: Path | None = None
-    save: Path | None = None
-
-
-def apply_smoke(options: VerifyOptions) -> None:
-    """`--smoke`: ~20 MB, 1 round: a check that everything runs, in seconds."""
-    options.size_mb, options.rounds = min(options.size_mb, 20), 1
+#: verify reads a warm cache and writes nothing, so `prefault` does not apply to it.
+VerifyOptions = BenchOptions
 
 
 def main(options: VerifyOptions) -> int:
     if options.smoke:
-        apply_smoke(options)
+        options.apply_smoke()
     if not require_tools("skopeo", "docker-registry", "sha256sum", "tar"):
         return 2
     with workload_setup(options.size_mb, tmp=options.tmp, keep=options.keep) as setup:
