@@ -7,14 +7,14 @@ temp folders can be longer. Several instances can run side by side.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.peers import stop_process_group
 
 
 @dataclass
@@ -96,13 +96,7 @@ class Containerd:
         return sorted(line for line in out.splitlines() if line)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process, timeout=10)
         self.process = None
         # Snapshots may hold overlay mounts under root; containerd unmounts its own on exit.
         if self.socket_dir is not None:

@@ -19,7 +19,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import IO
 
 import bcrypt
 
-from tests.support.peers import TestCA
+from tests.support.peers import TestCA, stop_process_group
 
 ALLOWED = ipaddress.ip_network("198.51.100.0/24")
 REPO = Path(__file__).resolve().parents[2]
@@ -213,15 +212,7 @@ class Network:
         node.addresses.append(cidr.split("/")[0])
 
     def stop(self, process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            except ProcessLookupError:
-                pass
+        stop_process_group(process)
         if process.stdout is not None:
             process.stdout.close()
 
