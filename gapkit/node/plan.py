@@ -20,13 +20,13 @@ import contextlib
 import datetime
 import difflib
 import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from gapkit.errors import NodeError
+from gapkit.oci.fsutil import atomic_write
 
 BACKUP_SUFFIX = ".gapkit-backup-"
 
@@ -284,24 +284,10 @@ class LocalRunner:
         await asyncio.to_thread(self._write, self.local(path), content, mode, path)
 
     def _write(self, target: Path, content: bytes, mode: int, shown: PurePosixPath) -> None:
-        tmp = target.with_name(f".{target.name}.gapkit-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, target)
-            dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(target, content, mode)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise NodeError(f"{self.name}: cannot write {shown}: {exc.strerror}",
                             hint="check the folder exists and is writable (run as root?)") from None
 
