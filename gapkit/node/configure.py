@@ -46,7 +46,7 @@ from gapkit.errors import NodeError, UsageError
 from gapkit.node.hosts_toml import directory_name
 from gapkit.node.plan import ApplyReport, Command, FileWrite, Plan, Runner, apply
 from gapkit.oci.auth import parse_user_password
-from gapkit.oci.reference import Repository, is_registry_host, normalise_registry
+from gapkit.oci.reference import is_registry_host, normalise_registry
 from gapkit.registry.push import PushTarget, hosts_files
 
 ARGS = PurePosixPath("/var/snap/microk8s/current/args")
@@ -142,15 +142,8 @@ def parse_mirror(url: str, *, ca: Path | None = None, creds: str | None = None,
     except ValueError:
         raise UsageError(f"--mirror {url!r}: the port is not a number from 1 to 65535",
                          hint=hint) from None
-    if not is_registry_host(parts.netloc):
-        raise UsageError(f"--mirror {url!r}: {parts.netloc!r} is not a registry host", hint=hint)
-    prefix = parts.path.strip("/")
-    if prefix:
-        try:
-            Repository.parse(f"{parts.netloc}/{prefix}")
-        except UsageError as exc:
-            raise UsageError(f"--mirror {url!r}: the path prefix is not valid: {exc.message}",
-                             hint=hint) from None
+    target = PushTarget.parse(parts.netloc + parts.path, "--mirror", hint, shown=url)
+    prefix = target.prefix
     if prefix.startswith("v2/") or prefix == "v2":
         raise UsageError(f"--mirror {url!r}: give the prefix without /v2 (gapkit adds it)",
                          hint=hint)
@@ -172,7 +165,7 @@ def parse_mirror(url: str, *, ca: Path | None = None, creds: str | None = None,
         chosen = tuple(dict.fromkeys(names))
     if bundle is not None and not bundle.exists():
         raise UsageError(f"--bundle {bundle}: does not exist")
-    return MirrorOptions(url.strip(), PushTarget(parts.netloc, prefix), parts.scheme, ca,
+    return MirrorOptions(url.strip(), target, parts.scheme, ca,
                          credentials, insecure, upstream_prefix, not no_fallback, chosen, bundle)
 
 

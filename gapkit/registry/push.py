@@ -39,18 +39,21 @@ class PushTarget:
     prefix: str = ""
 
     @classmethod
-    def parse(cls, text: str) -> PushTarget:
+    def parse(cls, text: str, flag: str = "--to", hint: str | None = None,
+              shown: str | None = None) -> PushTarget:
+        """Check host and prefix; errors name `flag` and `shown` (the text as the user gave it)."""
         cleaned = text.removeprefix("https://").removeprefix("http://").strip("/")
         host, _, prefix = cleaned.partition("/")
-        hint = "for example --to 10.0.0.5:5000 or --to registry.example/mirror"
+        hint = hint or "for example --to 10.0.0.5:5000 or --to registry.example/mirror"
+        shown = shown or text
         if not is_registry_host(host):
-            raise UsageError(f"--to {text!r}: {host!r} is not a registry host (HOST[:PORT])",
+            raise UsageError(f"{flag} {shown!r}: {host!r} is not a registry host (HOST[:PORT])",
                              hint=hint)
         if prefix:
             try:
                 Repository.parse(f"{host}/{prefix}")
             except UsageError as exc:
-                raise UsageError(f"--to {text!r}: the prefix is not valid: {exc.message}",
+                raise UsageError(f"{flag} {shown!r}: the prefix is not valid: {exc.message}",
                                  hint=hint) from None
         return cls(host, prefix)
 
