@@ -25,6 +25,7 @@ from gapkit import __version__, ui
 from gapkit.errors import GapkitError, UsageError
 from gapkit.oci.copy import DEFAULT_JOBS, CopyReport
 from gapkit.oci.model import Platform
+from gapkit.oci.stores.options import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 from gapkit.oci.transports import copy_images, registry_settings_from_flags
 
 if TYPE_CHECKING:
@@ -51,6 +52,12 @@ Mirror = Annotated[list[str], typer.Option(
     help="Fetch UPSTREAM's images through this mirror first (as containerd's hosts.toml does).")]
 Insecure = Annotated[list[str], typer.Option("--insecure", metavar="REGISTRY",
                                              help="HTTPS without certificate verification.")]
+Retries = Annotated[int, typer.Option(
+    "--retries", min=0, max=100, metavar="N",
+    help="Retries of a failing request (reset, stall, 429, 5xx) before giving up.")]
+Timeout = Annotated[float, typer.Option(
+    "--timeout", min=0.1, metavar="S",
+    help="Seconds to connect, and the longest silence tolerated while reading.")]
 
 
 @app.callback()
@@ -82,6 +89,8 @@ def copy_command(
     creds: Creds = [],  # noqa: B006
     mirror: Mirror = [],  # noqa: B006
     insecure: Insecure = [],  # noqa: B006
+    retries: Retries = DEFAULT_RETRIES,
+    timeout: Timeout = DEFAULT_TIMEOUT,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Copy images between registries, OCI layouts and archives, checking every digest.
@@ -91,7 +100,8 @@ def copy_command(
     if len(locations) < 2:
         raise UsageError("gapkit copy needs a source and a destination: gapkit copy SRC... DST")
     *source, destination = locations
-    settings = registry_settings_from_flags(plain_http, ca, creds, mirror, insecure)
+    settings = registry_settings_from_flags(plain_http, ca, creds, mirror, insecure,
+                                            retries=retries, timeout=timeout)
     platforms = [Platform.parse(p) for p in platform]
     with ui.copy_progress(None if not as_json else False) as on_event:
         report = asyncio.run(copy_images(source, destination, settings, platforms, all_platforms,
@@ -217,6 +227,12 @@ def bundle_create_command(
     creds: Creds = [],  # noqa: B006
     mirror: Mirror = [],  # noqa: B006
     insecure: Insecure = [],  # noqa: B006
+    retries: Annotated[int | None, typer.Option(
+        "--retries", min=0, max=100, metavar="N",
+        help=f"Retries of a failing request (default {DEFAULT_RETRIES}).")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", min=0.1, metavar="S",
+        help=f"Connect and read-silence timeout (default {DEFAULT_TIMEOUT:.0f} s).")] = None,
     cache: Annotated[Path | None, typer.Option(help="Cache folder (default ~/.cache/gapkit).")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64)] = DEFAULT_JOBS,
     as_json: Annotated[bool, typer.Option("--json", help="Print bundle.json and fetch counts.")] = False,
@@ -229,7 +245,7 @@ def bundle_create_command(
         microk8s=microk8s, channel=channel, addons=addons, images=image, images_from=images_from,
         manifests=manifests, platforms=platform, no_snaps=no_snaps, snaps_from=snaps_from,
         no_snapd=no_snapd, plain_http=plain_http, ca=ca, creds=creds, mirrors=mirror,
-        insecure=insecure)
+        insecure=insecure, retries=retries, timeout=timeout)
     spec = load_spec(spec_file, overrides)
     with ui.copy_progress(None if not as_json else False) as on_event:
         report = asyncio.run(create_bundle(spec, output, cache, jobs, on_event, ui.warning))
@@ -311,6 +327,8 @@ def registry_push_command(
     hosts_dir: Annotated[Path | None, typer.Option(
         "--hosts-dir", help="Also write <upstream>/hosts.toml (and ca.crt) under this folder.")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64)] = DEFAULT_JOBS,
+    retries: Retries = DEFAULT_RETRIES,
+    timeout: Timeout = DEFAULT_TIMEOUT,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Push every image into a registry and print the hosts.toml each node needs."""
@@ -320,7 +338,7 @@ def registry_push_command(
     platforms = [Platform.parse(p) for p in platform] or None
     with ui.copy_progress(None if not as_json else False) as on_event:
         report = asyncio.run(push_source(source, to, options, upstream_prefix, platforms, jobs,
-                                         on_event, hosts_dir))
+                                         on_event, hosts_dir, retries, timeout))
     if as_json:
         ui.stdout.print_json(json.dumps(report.to_json()))
         return

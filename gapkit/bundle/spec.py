@@ -40,6 +40,7 @@ from pydantic import (
 from gapkit.errors import GapkitError, UsageError
 from gapkit.oci.model import Platform
 from gapkit.oci.reference import Reference
+from gapkit.oci.stores.options import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 from gapkit.oci.transports import RegistrySettings, registry_settings_from_flags
 from gapkit.yamlfile import load_model
 
@@ -91,6 +92,10 @@ class SourceRegistries(_Strict):
     insecure: list[str] = Field(default_factory=list)
     ca: dict[str, Path] = Field(default_factory=dict)
     creds: dict[str, str] = Field(default_factory=dict)
+    #: Retries of one request before the build fails (as skopeo's --retry-times).
+    retries: int = Field(default=DEFAULT_RETRIES, ge=0, le=100)
+    #: Seconds to connect and the longest silence tolerated while reading.
+    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
 
     @field_validator("ca")
     @classmethod
@@ -114,6 +119,8 @@ class SourceRegistries(_Strict):
             creds=[f"{host}={secret}" for host, secret in self.creds.items()],
             mirrors=[f"{up}={url}" for up, urls in self.mirrors.items() for url in urls],
             insecure=self.insecure,
+            retries=self.retries,
+            timeout=self.timeout,
         )
 
 
@@ -204,6 +211,8 @@ def bundle_flags(
     creds: Sequence[str] = (),
     mirrors: Sequence[str] = (),
     insecure: Sequence[str] = (),
+    retries: int | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """The `bundle create` flags that were given, as spec keys (see `load_spec`)."""
     out: dict[str, Any] = {}
@@ -230,6 +239,10 @@ def bundle_flags(
         registries["plain_http"] = list(plain_http)
     if insecure:
         registries["insecure"] = list(insecure)
+    if retries is not None:
+        registries["retries"] = retries
+    if timeout is not None:
+        registries["timeout"] = timeout
     for key, items in (("ca", ca), ("creds", creds)):
         pairs = {}
         for item in items:

@@ -17,7 +17,7 @@ from gapkit.oci.reference import Reference, normalise_registry
 from gapkit.oci.stores.archive import ArchiveStore
 from gapkit.oci.stores.base import Store
 from gapkit.oci.stores.layout import LayoutStore
-from gapkit.oci.stores.options import HostOptions
+from gapkit.oci.stores.options import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HostOptions
 
 if TYPE_CHECKING:
     from gapkit.oci.stores.registry import RegistryStore
@@ -62,17 +62,21 @@ class Location:
 
 @dataclass
 class RegistrySettings:
-    """How to reach registries: per-host options, mirrors and the Docker config to read."""
+    """How to reach registries: per-host options, mirrors, the Docker config to read, and how
+    long to keep trying."""
 
     hosts: dict[str, HostOptions] = field(default_factory=dict)
     mirrors: dict[str, list[str]] = field(default_factory=dict)
     docker_config: Path | None = None
+    retries: int = DEFAULT_RETRIES
+    timeout: float = DEFAULT_TIMEOUT
 
     def store(self) -> RegistryStore:
         from gapkit.oci.stores.registry import RegistryStore
 
         return RegistryStore(hosts=self.hosts, mirrors=self.mirrors,
-                             docker_config=self.docker_config)
+                             docker_config=self.docker_config, retries=self.retries,
+                             timeout=self.timeout)
 
 
 async def open_store(location: Location, role: Literal["source", "destination"],
@@ -192,9 +196,12 @@ def registry_settings_from_flags(
     mirrors: Sequence[str] = (),
     insecure: Sequence[str] = (),
     docker_config: Path | None = None,
+    retries: int = DEFAULT_RETRIES,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> RegistrySettings:
     """Build settings from `--plain-http REG`, `--ca REG=FILE`, `--creds REG=USER:PASS`,
-    `--mirror UPSTREAM=URL` and `--insecure REG` (TLS without verification)."""
+    `--mirror UPSTREAM=URL`, `--insecure REG` (TLS without verification), `--retries N` and
+    `--timeout S`."""
     options: dict[str, dict[str, object]] = {}
 
     def host_key(text: str) -> str:
@@ -223,4 +230,4 @@ def registry_settings_from_flags(
             raise UsageError(f"--mirror {item!r}: the mirror URL must start with http:// or https://")
         mirror_map.setdefault(host_key(upstream), []).append(url.rstrip("/"))
     hosts = {host: HostOptions(**values) for host, values in options.items()}  # type: ignore[arg-type]
-    return RegistrySettings(hosts, mirror_map, docker_config)
+    return RegistrySettings(hosts, mirror_map, docker_config, retries, timeout)

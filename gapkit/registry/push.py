@@ -24,7 +24,7 @@ from gapkit.oci.copy import DEFAULT_JOBS, CopyReport, CopyRequest, EventHandler,
 from gapkit.oci.model import Platform
 from gapkit.oci.reference import Reference, Repository, is_registry_host
 from gapkit.oci.stores.base import Store
-from gapkit.oci.stores.options import HostOptions
+from gapkit.oci.stores.options import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HostOptions
 from gapkit.oci.transports import RegistrySettings
 
 #: Where MicroK8s reads hosts.toml files (its containerd `config_path`).
@@ -146,10 +146,13 @@ async def push_images(
     platforms: list[Platform] | None = None,
     jobs: int = DEFAULT_JOBS,
     on_event: EventHandler | None = None,
+    retries: int = DEFAULT_RETRIES,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> PushReport:
     """Push `images` of `source` to `target`; the registry skips blobs it has already."""
     requests = plan_push(images, target, upstream_prefix)
-    destination = RegistrySettings(hosts={target.host: options}).store()
+    destination = RegistrySettings(hosts={target.host: options}, retries=retries,
+                                   timeout=timeout).store()
     try:
         copied = await copy(source, destination, requests, platforms, jobs, on_event,
                             present_only=platforms is None)
@@ -171,6 +174,8 @@ async def push_source(
     jobs: int = DEFAULT_JOBS,
     on_event: EventHandler | None = None,
     hosts_dir: Path | None = None,
+    retries: int = DEFAULT_RETRIES,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> PushReport:
     """`gapkit registry push SOURCE --to TARGET`: SOURCE is a bundle, layout or image tar.
 
@@ -184,7 +189,8 @@ async def push_source(
         if not images:
             raise UsageError(f"{source_path} holds no named image")
         report = await push_images(opened.store, images, target, options, upstream_prefix,
-                                   platforms or opened.platforms, jobs, on_event)
+                                   platforms or opened.platforms, jobs, on_event, retries,
+                                   timeout)
     finally:
         await opened.store.close()
     if hosts_dir is not None:

@@ -26,9 +26,12 @@ snaps: {from: snaps}
 registries:
   mirrors: {docker.io: [http://10.0.0.5:5000]}
   creds: {registry.example: "ci:${REG_PASSWORD}"}
+  retries: 2
+  timeout: 7.5
 """)
     spec = load_spec(spec_file, bundle_flags(addons="ingress,metallb", images=["busybox"],
-                                             platforms=["linux/arm64"], no_snapd=True))
+                                             platforms=["linux/arm64"], no_snapd=True,
+                                             timeout=3))
     assert spec.microk8s == "1.32"
     assert spec.addons == ["dns", "ingress", "metallb"]
     assert spec.images == ["nginx:1.27", "busybox"]
@@ -39,6 +42,9 @@ registries:
     settings = spec.registries.settings()
     assert settings.mirrors == {"docker.io": ["http://10.0.0.5:5000"]}
     assert settings.hosts["registry.example"].credentials == ("ci", "hunter2")
+    assert (settings.retries, settings.timeout) == (2, 3)
+    store = settings.store()
+    assert (store.retries, store.timeout) == (2, 3)
 
 
 @pytest.mark.parametrize(
@@ -51,6 +57,7 @@ registries:
         ("images: [nginx\n", "gapkit.yaml:2: not valid YAML"),
         ("- just\n- a list\n", "the top level must be a mapping"),
         ("snaps:\n  enabled: maybe\n", "gapkit.yaml:2: snaps.enabled"),
+        ("registries:\n  retries: -1\n", "gapkit.yaml:2: registries.retries"),
         ('registries:\n  creds: {r.example: "u:${NOPE_NOT_SET}"}\n', "NOPE_NOT_SET is not set"),
     ],
 )

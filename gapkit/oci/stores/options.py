@@ -6,6 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+#: Retries of one request, and resumptions of one blob without progress, before giving up.
+DEFAULT_RETRIES = 5
+#: Seconds to connect, and the longest silence tolerated while reading.
+DEFAULT_TIMEOUT = 60.0
+
 
 @dataclass(frozen=True)
 class HostOptions:

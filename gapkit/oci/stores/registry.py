@@ -70,7 +70,7 @@ from gapkit.oci.model import (
 )
 from gapkit.oci.reference import DOCKER_HUB, Reference, Repository
 from gapkit.oci.stores.base import CHUNK_SIZE
-from gapkit.oci.stores.options import HostOptions
+from gapkit.oci.stores.options import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HostOptions
 
 T = TypeVar("T")
 
@@ -309,8 +309,8 @@ class RegistryStore:
         hosts: Mapping[str, HostOptions] | None = None,
         mirrors: Mapping[str, Sequence[str]] | None = None,
         docker_config: Path | None = None,
-        retries: int = 5,
-        timeout: float = 60.0,
+        retries: int = DEFAULT_RETRIES,
+        timeout: float = DEFAULT_TIMEOUT,
         *,
         backoff: float = 0.5,
         max_backoff: float = 10.0,
