@@ -1,14 +1,34 @@
 """A fault-injecting reverse proxy in front of a real registry, for retry and resume tests.
 
-`FaultProxy` runs in the test's event loop on a free loopback port and forwards every request
-to the registry behind it, keeping the `Host` header so that the registry's upload `Location`
-headers point back at the proxy. It records what it saw (method, path, query, headers), and
-`Fault`s make it misbehave a chosen number of times: reset the connection part-way through a
-body, answer a status (503 with `Retry-After`, 429) without forwarding, stall, flip a byte,
-ignore `Range` (answer 200 with the whole body), or paginate a tag list. docker-registry 2.8
-ignores `n` and `last` on `tags/list`; "paginate" slices its full answer and adds the `Link`
-header the way distribution 3, Docker Hub and quay.io do. With `prefix` it serves the registry
-under a path prefix, as a mirror URL such as `http://host/cache` does.
+`FaultProxy` forwards every request to the registry behind it on a free loopback port, keeping
+the `Host` header so that the registry's upload `Location` headers point back at the proxy. It
+runs in the test's event loop (`await proxy.start()`), or in a thread of its own with
+`running(proxy)`, so that a `gapkit` subprocess can go through it. It records what it saw
+(method, path, query, headers) and counts the body bytes it forwarded per path, both ways
+(`downloaded`: responses, `uploaded`: request bodies), so tests can tell what was fetched again.
+
+`Fault`s make it misbehave a chosen number of times:
+
+- `reset`: pass `after` body bytes, then drop the connection (RST);
+- `stall`: pass `after` body bytes, then send nothing for `seconds`, then drop it;
+- `truncate`: send the full `Content-Length`, pass `after` body bytes, then close the
+  connection cleanly (FIN), as a proxy that gave up does;
+- `trickle`: pass the body in `piece`-byte pieces with `seconds` between them;
+- `status`: answer `status` (503, 429, 500…) with `headers` (`Retry-After`) without forwarding;
+- `corrupt`: flip the byte at offset `after`;
+- `ignore_range`: drop the request's `Range` (answer 200 with the whole body);
+- `paginate`: docker-registry 2.8 ignores `n` and `last` on `tags/list`; this slices its full
+  answer and adds the `Link` header the way distribution 3, Docker Hub and quay.io do;
+- `pause`: counted across the whole proxy, not per request: once `after` body bytes (both ways,
+  every path, counted from when the fault was added) have passed, it sets `fault.reached` (a
+  `threading.Event`) and holds every connection, so nothing more passes until `release()`.
+  A test waits for `reached` and SIGKILLs the client at that byte-exact point. `path` and
+  `method` are ignored for `pause`.
+
+Faults whose `method` matches and whose `path` regex matches apply to the body they name: the
+response body, or for `reset`, `stall` and `truncate` of a `PUT`/`PATCH`/`POST`, the request body
+being uploaded (the connection is dropped part-way through the upload). With `prefix` it serves
+the registry under a path prefix, as a mirror URL such as `http://host/cache` does.
 """
 
 from __future__ import annotations
@@ -16,7 +36,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Mapping
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,9 +49,11 @@ from yarl import URL
 
 from tests.support.peers import free_port
 
-FaultKind = Literal["reset", "status", "stall", "corrupt", "ignore_range", "paginate"]
+FaultKind = Literal["reset", "status", "stall", "corrupt", "ignore_range", "paginate",
+                    "trickle", "truncate", "pause"]
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                          "te", "trailers", "transfer-encoding", "upgrade"})
+_UPLOAD_METHODS = frozenset({"PUT", "PATCH", "POST"})
 
 
 @dataclass
@@ -40,16 +65,22 @@ class Fault:
     path: str = ""
     #: How many matching requests misbehave; later ones pass through untouched.
     times: int = 1
-    #: Body bytes passed on before a reset, stall or flipped byte.
+    #: Body bytes passed on before a reset, stall, truncation, flipped byte or pause.
     after: int = 0
     status: int = 503
     headers: Mapping[str, str] = field(default_factory=dict)
-    #: How long a stall lasts before the connection is dropped.
+    #: How long a stall lasts before the connection is dropped; the gap between trickled pieces.
     seconds: float = 5.0
+    #: Bytes per trickled piece.
+    piece: int = 16 * 1024
     fired: int = 0
+    #: Set when a `pause` fault has let its `after` bytes through.
+    reached: threading.Event = field(default_factory=threading.Event)
+    #: Proxy-wide body bytes already counted when a `pause` fault was added.
+    base: int = 0
 
     def matches(self, method: str, path: str) -> bool:
-        return (self.fired < self.times and method == self.method
+        return (self.kind != "pause" and self.fired < self.times and method == self.method
                 and re.search(self.path, path) is not None)
 
 
@@ -63,6 +94,10 @@ class Seen:
     headers: Mapping[str, str]
 
 
+class _Dropped(Exception):
+    """The proxy dropped the connection on purpose."""
+
+
 class FaultProxy:
     """A recording, fault-injecting HTTP reverse proxy on 127.0.0.1 (see the module doc)."""
 
@@ -71,9 +106,16 @@ class FaultProxy:
         self.prefix = prefix.rstrip("/")
         self.faults: list[Fault] = []
         self.requests: list[Seen] = []
+        #: Response body bytes sent to clients, per path (without the prefix and query).
+        self.downloaded: Counter[str] = Counter()
+        #: Request body bytes passed on to the registry, per path.
+        self.uploaded: Counter[str] = Counter()
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._released: asyncio.Event | None = None
+        self._lock = threading.RLock()
 
     @property
     def host(self) -> str:
@@ -83,9 +125,31 @@ class FaultProxy:
     def url(self) -> str:
         return f"http://{self.host}{self.prefix}"
 
+    @property
+    def total(self) -> int:
+        """Body bytes forwarded so far, both ways, every path."""
+        with self._lock:
+            return sum(self.downloaded.values()) + sum(self.uploaded.values())
+
     def add(self, fault: Fault) -> Fault:
-        self.faults.append(fault)
+        with self._lock:
+            if fault.kind == "pause":
+                fault.base = self.total
+            self.faults.append(fault)
         return fault
+
+    def clear(self) -> None:
+        """Forget the faults and counts (not the requests seen), and let held connections go."""
+        with self._lock:
+            self.faults.clear()
+            self.downloaded.clear()
+            self.uploaded.clear()
+        self.release()
+
+    def release(self) -> None:
+        """Let connections held by a `pause` go on (from any thread)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._release_now)
 
     def seen(self, method: str | None = None, path: str = "") -> list[Seen]:
         """Requests with this method (any if None) whose path matches the regex `path`."""
@@ -93,6 +157,8 @@ class FaultProxy:
                 if (method is None or r.method == method) and re.search(path, r.path)]
 
     async def start(self) -> FaultProxy:
+        self._loop = asyncio.get_running_loop()
+        self._released = asyncio.Event()
         self._session = aiohttp.ClientSession(auto_decompress=False)
         app = web.Application(client_max_size=1 << 40)
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -104,6 +170,7 @@ class FaultProxy:
         return self
 
     async def stop(self) -> None:
+        self._release_now()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -112,11 +179,69 @@ class FaultProxy:
             self._session = None
 
     def _fault_for(self, method: str, path: str) -> Fault | None:
-        for fault in self.faults:
-            if fault.matches(method, path):
-                fault.fired += 1
-                return fault
+        with self._lock:
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    fault.fired += 1
+                    return fault
         return None
+
+    async def _budget(self, size: int) -> int:
+        """How many of the next `size` body bytes may pass before an armed `pause`; once one is
+        reached, hold (every connection) until `release()`."""
+        while True:
+            with self._lock:
+                armed = [f for f in self.faults if f.kind == "pause" and f.fired == 0]
+                total = self.total
+                left = min((f.base + f.after - total for f in armed), default=None)
+                if left is None:
+                    return size
+                if left > 0:
+                    return min(size, left)
+                for fault in armed:
+                    if fault.base + fault.after <= total:
+                        fault.reached.set()
+                released = self._released
+            assert released is not None
+            await released.wait()
+
+    def _release_now(self) -> None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.kind == "pause" and fault.reached.is_set():
+                    fault.fired = fault.times
+        if self._released is not None:
+            self._released.set()
+            self._released = asyncio.Event()
+
+    async def _pass(self, data: bytes, counter: Counter[str], path: str) -> AsyncIterator[bytes]:
+        """`data` in the pieces a `pause` lets through, counted as they go."""
+        while data:
+            allowed = await self._budget(len(data))
+            piece, data = data[:allowed], data[allowed:]
+            with self._lock:
+                counter[path] += len(piece)
+            yield piece
+
+    async def _upload(self, request: web.Request, path: str,
+                      fault: Fault | None) -> AsyncIterator[bytes]:
+        sent = 0
+        async for chunk in request.content.iter_any():
+            if fault is not None and fault.kind in ("reset", "stall", "truncate") \
+                    and sent + len(chunk) > fault.after:
+                async for piece in self._pass(chunk[:fault.after - sent], self.uploaded, path):
+                    yield piece
+                if fault.kind == "stall":
+                    await asyncio.sleep(fault.seconds)
+                assert request.transport is not None
+                if fault.kind == "truncate":
+                    request.transport.close()
+                else:
+                    request.transport.abort()
+                raise _Dropped
+            async for piece in self._pass(chunk, self.uploaded, path):
+                sent += len(piece)
+                yield piece
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.rel_url.raw_path
@@ -139,30 +264,56 @@ class FaultProxy:
         target = URL(self.upstream + path + (f"?{request.query_string}"
                                              if request.query_string else ""), encoded=True)
         assert self._session is not None
-        data = request.content if request.body_exists else None
-        async with self._session.request(request.method, target, headers=headers, data=data,
-                                         allow_redirects=False) as upstream:
-            response = web.StreamResponse(status=upstream.status, headers={
-                k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP})
-            await response.prepare(request)
-            sent = 0
-            async for chunk in upstream.content.iter_chunked(64 * 1024):
-                if fault is not None and sent + len(chunk) > fault.after:
-                    cut = fault.after - sent
-                    if fault.kind == "corrupt":
-                        chunk = chunk[:cut] + bytes([chunk[cut] ^ 0xFF]) + chunk[cut + 1:]
-                        fault = None
-                    elif fault.kind in ("reset", "stall"):
-                        await response.write(chunk[:cut])
-                        if fault.kind == "stall":
-                            await asyncio.sleep(fault.seconds)
-                        assert request.transport is not None
-                        request.transport.abort()
-                        return response
-                await response.write(chunk)
+        upload_fault = fault if request.method in _UPLOAD_METHODS else None
+        data = self._upload(request, path, upload_fault) if request.body_exists else None
+        try:
+            async with self._session.request(request.method, target, headers=headers, data=data,
+                                             allow_redirects=False) as upstream:
+                return await self._respond(request, path, upstream,
+                                           None if upload_fault else fault)
+        except _Dropped:
+            return web.Response(status=499)
+        except aiohttp.ClientError:
+            if upload_fault is not None:  # the upload was cut on purpose
+                return web.Response(status=499)
+            raise
+
+    async def _respond(self, request: web.Request, path: str, upstream: aiohttp.ClientResponse,
+                       fault: Fault | None) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, headers={
+            k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP})
+        await response.prepare(request)
+        sent = 0
+        async for chunk in upstream.content.iter_chunked(64 * 1024):
+            if fault is not None and fault.kind == "trickle":
+                for start in range(0, len(chunk), fault.piece):
+                    async for piece in self._pass(chunk[start:start + fault.piece],
+                                                  self.downloaded, path):
+                        await response.write(piece)
+                    await asyncio.sleep(fault.seconds)
                 sent += len(chunk)
-            await response.write_eof()
-            return response
+                continue
+            if fault is not None and sent + len(chunk) > fault.after:
+                cut = fault.after - sent
+                if fault.kind == "corrupt":
+                    chunk = chunk[:cut] + bytes([chunk[cut] ^ 0xFF]) + chunk[cut + 1:]
+                    fault = None
+                elif fault.kind in ("reset", "stall", "truncate"):
+                    async for piece in self._pass(chunk[:cut], self.downloaded, path):
+                        await response.write(piece)
+                    if fault.kind == "stall":
+                        await asyncio.sleep(fault.seconds)
+                    assert request.transport is not None
+                    if fault.kind == "truncate":
+                        request.transport.close()
+                    else:
+                        request.transport.abort()
+                    return response
+            async for piece in self._pass(chunk, self.downloaded, path):
+                await response.write(piece)
+            sent += len(chunk)
+        await response.write_eof()
+        return response
 
     async def _paginate(self, request: web.Request, path: str,
                         headers: dict[str, str]) -> web.Response:
@@ -180,3 +331,23 @@ class FaultProxy:
         if len(rest) > size:
             response.headers["Link"] = f'<{path}?last={page[-1]}&n={size}>; rel="next"'
         return response
+
+
+@contextmanager
+def running(proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """Run `proxy` in a thread with its own event loop (for tests that start `gapkit`
+    processes); stop it and the thread on the way out, even when the test fails."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name=f"fault-proxy-{id(proxy)}",
+                              daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(timeout=15)
+        yield proxy
+    finally:
+        try:
+            asyncio.run_coroutine_threadsafe(proxy.stop(), loop).result(timeout=15)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=15)
+            loop.close()
