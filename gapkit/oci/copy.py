@@ -151,7 +151,7 @@ class _Copier:
         resolved = await self.resolve(request.source)
         src_repo, dst_repo = request.source.repository, request.destination.repository
         blobs = {d.digest: d for child in resolved.children for d in child.blobs if not d.is_foreign}
-        await _all(self.ensure_blob(src_repo, dst_repo, desc) for desc in blobs.values())
+        await gather_all(self.ensure_blob(src_repo, dst_repo, desc) for desc in blobs.values())
         untagged = Reference(dst_repo)
         for child in resolved.children:
             if child is not resolved.top:
@@ -220,7 +220,7 @@ class _Copier:
             selected = tuple([d for d in selected if await self.source.head_manifest(
                 ref.with_tag(None).with_digest(d.digest)) is not None])
         complete = len(selected) == len(index.manifests)
-        fetched = await _all(self.source.get_manifest(ref.with_tag(None).with_digest(d.digest))
+        fetched = await gather_all(self.source.get_manifest(ref.with_tag(None).with_digest(d.digest))
                              for d in selected)
         for child in fetched:
             if child.is_index:
@@ -264,7 +264,7 @@ class _Copier:
                 self.on_event(BlobFinished(desc.digest, desc.size, "copied"))
 
 
-async def _all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
     """Await all; on the first failure cancel the rest and raise that failure."""
     tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
@@ -294,7 +294,7 @@ async def copy(
     """
     copier = _Copier(source, destination, frozenset(platforms) if platforms is not None else None,
                      jobs, on_event, present_only)
-    await _all(copier.copy_image(request) for request in requests)
+    await gather_all(copier.copy_image(request) for request in requests)
     order = {(r.source, r.destination): i for i, r in enumerate(requests)}
     copier.report.images.sort(key=lambda image: order[(image.source, image.destination)])
     return copier.report

@@ -238,3 +238,28 @@ def test_an_interrupted_build_restarts_without_fetching_finished_blobs(
     assert fetched["bytes_copied"] < 4 * 2_100_000 + 8_100_000
     assert json.loads(gapkit("bundle", "verify", "--json", str(tmp_path / "b.tar")).stdout)["ok"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.tar")]
+
+
+def test_a_damaged_cached_blob_is_fetched_again_and_a_warm_build_matches_the_cold_one(
+        upstreams: Upstreams, tmp_path: Path) -> None:
+    refs = [f"docker.io/team/app{i}:1" for i in range(2)]
+    upstreams.push(refs, layer_size=3_000_000)
+    cache = tmp_path / "cache"
+    flags = ["--no-snaps", "--cache", str(cache), *[f"--image={r}" for r in refs],
+             *upstreams.source_flags(), "--json"]
+    cold = json.loads(gapkit("bundle", "create", "-o", str(tmp_path / "cold.tar"), *flags).stdout)
+    assert cold["fetched"]["blobs_copied"] > 0 and not cold["warnings"]
+    blobs = cache / "oci" / "blobs" / "sha256"
+    biggest = max(blobs.iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    warm = json.loads(gapkit("bundle", "create", "-o", str(tmp_path / "warm.tar"), *flags).stdout)
+    assert warm["warnings"] == [f"cached blob sha256:{biggest.name} was damaged; fetched it again"]
+    assert warm["fetched"]["blobs_copied"] == 1
+    assert hashlib.sha256(biggest.read_bytes()).hexdigest() == biggest.name
+    for name in ("cold.tar", "warm.tar"):
+        assert json.loads(gapkit("bundle", "verify", "--json", str(tmp_path / name)).stdout)["ok"]
+    assert [i["digest"] for i in warm["manifest"]["images"]] == \
+        [i["digest"] for i in cold["manifest"]["images"]]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

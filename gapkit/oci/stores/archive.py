@@ -31,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
@@ -54,6 +56,7 @@ from gapkit.errors import (
     StoreError,
     UsageError,
 )
+from gapkit.oci.fsutil import pid_alive
 from gapkit.oci.model import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
@@ -414,6 +417,7 @@ class ArchiveStore:
             raise UsageError(f"archive format {format!r} is not one of {', '.join(FORMATS)}")
         target = Path(path)
         store = cls(target, format)
+        _remove_stale_temps(target)
         temp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             # O_EXCL: never reuse a file; 0o666 & umask, as a plain `open` would create it.
@@ -816,6 +820,38 @@ class ArchiveStore:
                 _blob_name(descriptor.digest), descriptor.size, chunks, check)
             self._blobs[descriptor.digest] = member
 
+    async def put_checked_blob(self, digest: Digest, size: int,
+                               location: tuple[Path, int, int]) -> None:
+        """Append blob `digest` of `size` bytes from bytes on disk (`(file, offset, size)`),
+        copied by the kernel and not hashed again.
+
+        Only for bytes the caller has already checked against the digest (fetched through a
+        `VerifiedStream` or hashed just before); the size is still checked. A blob already
+        written is skipped; on failure the member is cut off again.
+        """
+        writer = self._require_writer()
+        path, offset, found = location
+        if found != size:
+            raise DigestMismatch(str(digest), f"{found} bytes where its descriptor declares "
+                                 f"{size}", str(path))
+        async with writer.lock:
+            self._check_writable(writer)
+            if digest in self._blobs:
+                return
+            start = writer.position
+            header = _header(_blob_name(digest), size)
+            try:
+                await self._io(_append_range, writer.file, start, header, path, offset, size)
+            except OSError as exc:
+                self._rollback(writer, start)
+                raise StoreError(f"cannot copy {path} into {self.path}: {exc.strerror or exc}",
+                                 hint="check the free space and permissions there") from exc
+            except BaseException:
+                self._rollback(writer, start)
+                raise
+            writer.position = start + len(header) + size + (-size % _BLOCK)
+            self._blobs[digest] = _Member(_blob_name(digest), start + len(header), size)
+
     # ---- Store: names ------------------------------------------------------------------
 
     async def tags(self, repository: Repository) -> list[str]:
@@ -1129,6 +1165,40 @@ def _append(file: Any, data: bytes, hasher: Any) -> None:
         hasher.update(data)
 
 
+def _append_range(file: Any, position: int, header: bytes, source: Path, offset: int,
+                  size: int) -> None:
+    """Write `header` at `position`, then `size` bytes of `source` from `offset` by
+    `copy_file_range` (in the kernel; a plain read/write loop where it is refused), then the
+    padding to a whole block."""
+    _write_at(file, position, header)
+    file.flush()
+    out_fd = file.fileno()
+    start = position + len(header)
+    copied = 0
+    with open(source, "rb") as src:
+        fd = src.fileno()
+        try:
+            while copied < size:
+                n = os.copy_file_range(fd, out_fd, size - copied, offset + copied, start + copied)
+                if n == 0:
+                    break
+                copied += n
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        while copied < size:
+            chunk = os.pread(fd, min(CHUNK_SIZE, size - copied), offset + copied)
+            if not chunk:
+                break
+            os.pwrite(out_fd, chunk, start + copied)
+            copied += len(chunk)
+    if copied != size:
+        raise OSError(errno.EIO, f"{source} ended after {copied} of {size} bytes")
+    file.seek(start + size)
+    file.write(b"\0" * (-size % _BLOCK))
+    file.flush()
+
+
 def _finish(file: Any, temp: Path, target: Path) -> None:
     """End-of-archive blocks, padding to a whole record, fsync, rename, fsync the folder.
 
@@ -1149,6 +1219,20 @@ def _finish(file: Any, temp: Path, target: Path) -> None:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Remove the temp files of earlier writers of `target` that were killed (their process is
+    gone), so an interrupted run leaves nothing behind once it is run again."""
+    with contextlib.suppress(OSError):
+        for temp in target.parent.glob(f".{glob.escape(target.name)}.tmp-*-*"):
+            try:
+                pid = int(temp.name.rsplit("-", 2)[-2])
+            except (ValueError, IndexError):
+                continue
+            if not pid_alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    temp.unlink()
 
 
 def _discard_temp(file: Any, temp: Path, executor: concurrent.futures.ThreadPoolExecutor) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,15 @@ class LayoutStore:
 
     async def head_blob(self, repository: Repository, digest: Digest) -> int | None:
         return self._blob_size(digest)
+
+    async def blob_location(self, digest: Digest) -> tuple[Path, int, int] | None:
+        """(file, 0, size) of a blob held as a regular file, as `ArchiveStore.blob_location`."""
+        path = self._blob_path(digest)
+        try:
+            info = path.lstat()
+        except OSError:
+            return None
+        return (path, 0, info.st_size) if stat.S_ISREG(info.st_mode) else None
 
     async def open_blob(
         self, repository: Repository, descriptor: Descriptor, offset: int = 0
