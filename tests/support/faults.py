@@ -26,9 +26,11 @@ runs in the test's event loop (`await proxy.start()`), or in a thread of its own
   `method` are ignored for `pause`.
 
 Faults whose `method` matches and whose `path` regex matches apply to the body they name: the
-response body, or for `reset`, `stall` and `truncate` of a `PUT`/`PATCH`/`POST`, the request body
-being uploaded (the connection is dropped part-way through the upload). With `prefix` it serves
-the registry under a path prefix, as a mirror URL such as `http://host/cache` does.
+response body, or for `reset`, `stall`, `truncate` and `trickle` of a `PUT`/`PATCH`/`POST`, the
+request body being uploaded (the connection is dropped, or the body slowed, part-way through the
+upload; only bodies longer than `after` match, so a small config blob does not use up a fault
+meant for a layer). With `prefix` it serves the registry under a path prefix, as a mirror URL
+such as `http://host/cache` does.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ FaultKind = Literal["reset", "status", "stall", "corrupt", "ignore_range", "pagi
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                          "te", "trailers", "transfer-encoding", "upgrade"})
 _UPLOAD_METHODS = frozenset({"PUT", "PATCH", "POST"})
+_BODY_KINDS = frozenset({"reset", "stall", "truncate", "trickle"})
 
 
 @dataclass
@@ -79,9 +82,15 @@ class Fault:
     #: Proxy-wide body bytes already counted when a `pause` fault was added.
     base: int = 0
 
-    def matches(self, method: str, path: str) -> bool:
-        return (self.kind != "pause" and self.fired < self.times and method == self.method
-                and re.search(self.path, path) is not None)
+    def matches(self, method: str, path: str, body_size: int) -> bool:
+        """`body_size`: the request's Content-Length; a fault on an upload (`reset`, `stall`,
+        `truncate`, `trickle` of a PUT, PATCH or POST) matches only a body longer than `after`."""
+        if self.kind == "pause" or self.fired >= self.times or method != self.method:
+            return False
+        if (method in _UPLOAD_METHODS and self.kind in _BODY_KINDS
+                and body_size <= self.after):
+            return False
+        return re.search(self.path, path) is not None
 
 
 @dataclass(frozen=True)
@@ -178,10 +187,10 @@ class FaultProxy:
             await self._session.close()
             self._session = None
 
-    def _fault_for(self, method: str, path: str) -> Fault | None:
+    def _fault_for(self, method: str, path: str, body_size: int) -> Fault | None:
         with self._lock:
             for fault in self.faults:
-                if fault.matches(method, path):
+                if fault.matches(method, path, body_size):
                     fault.fired += 1
                     return fault
         return None
@@ -227,6 +236,13 @@ class FaultProxy:
                       fault: Fault | None) -> AsyncIterator[bytes]:
         sent = 0
         async for chunk in request.content.iter_any():
+            if fault is not None and fault.kind == "trickle":
+                for start in range(0, len(chunk), fault.piece):
+                    async for piece in self._pass(chunk[start:start + fault.piece],
+                                                  self.uploaded, path):
+                        yield piece
+                    await asyncio.sleep(fault.seconds)
+                continue
             if fault is not None and fault.kind in ("reset", "stall", "truncate") \
                     and sent + len(chunk) > fault.after:
                 async for piece in self._pass(chunk[:fault.after - sent], self.uploaded, path):
@@ -251,7 +267,8 @@ class FaultProxy:
             path = path[len(self.prefix):]
         self.requests.append(Seen(request.method, path, dict(request.query),
                                   dict(request.headers)))
-        fault = self._fault_for(request.method, path)
+        length = request.headers.get("Content-Length", "")
+        fault = self._fault_for(request.method, path, int(length) if length.isdigit() else 0)
         if fault is not None and fault.kind == "status":
             return web.Response(status=fault.status, headers=dict(fault.headers),
                                 text='{"errors":[{"code":"UNAVAILABLE","message":"injected"}]}',

@@ -1,0 +1,145 @@
+"""`gapkit copy`, `bundle create` and `registry push` through a faulty network.
+
+A `FaultProxy` sits between the `gapkit` process and a real docker-registry and resets, stalls,
+trickles, truncates or answers 429/500/503 (with and without `Retry-After`). With the fault
+fired fewer times than `--retries`, every command completes and skopeo (which checks every blob
+it reads) finds the image byte for byte; downloads resume with `Range`, so a broken blob is not
+fetched twice. With the fault repeated past `--retries`, the command exits 1 with a message that
+names the registry or image, no traceback, and leaves no archive, bundle, tag or temp file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.conftest import (
+    REPOSITORY,
+    TAG,
+    Source,
+    assert_no_traceback,
+    dot_files,
+    skopeo_reads,
+)
+from tests.support.cli import gapkit
+from tests.support.faults import Fault, FaultProxy
+
+RETRIES = "2"
+TIMEOUT = "1"
+#: Faults repeated this many times outlast `--retries 2`.
+FOREVER = 50
+
+
+@dataclass(frozen=True)
+class Case:
+    """A fault on the big layer's download (or the small one's for `trickle`)."""
+
+    fault: Fault
+    #: The proxy sends the layer exactly once in all: the retry resumed with Range.
+    resumes: bool = False
+    #: It can be repeated past the retries (a trickle always gets through).
+    exhausts: bool = True
+
+
+def download_cases(big: str, small: str) -> dict[str, Case]:
+    retry_after = {"Retry-After": "1"}
+    return {
+        "reset": Case(Fault("reset", path=big, after=700_000), resumes=True),
+        "stall": Case(Fault("stall", path=big, after=500_000, seconds=4), resumes=True),
+        "trickle": Case(Fault("trickle", path=small, piece=16_384, seconds=0.15),
+                        exhausts=False),
+        "truncate": Case(Fault("truncate", path=big, after=900_000), resumes=True),
+        "429-retry-after": Case(Fault("status", path=big, status=429, headers=retry_after,
+                                      times=2)),
+        "429": Case(Fault("status", path=big, status=429, times=2)),
+        "500": Case(Fault("status", path=big, status=500, times=2)),
+        "503-retry-after": Case(Fault("status", path=big, status=503, headers=retry_after,
+                                      times=2)),
+        "503": Case(Fault("status", path=big, status=503, times=2)),
+    }
+
+
+CASES = list(download_cases("", ""))
+EXHAUSTING = [name for name, case in download_cases("", "").items() if case.exhausts]
+KINDS = ("oci", "oci-archive")
+#: Each fault once into a layout or an archive, the other one when it outlasts the retries.
+COPY_CASES = [(name, KINDS[i % 2]) for i, name in enumerate(CASES)]
+COPY_FAILURES = [(name, KINDS[(i + 1) % 2]) for i, name in enumerate(EXHAUSTING)]
+
+
+def blob_path(digest: str) -> str:
+    return f"/v2/{REPOSITORY}/blobs/{digest}"
+
+
+def arm(proxy: FaultProxy, source: Source, name: str, forever: bool = False) -> Fault:
+    """Add the named fault for `source`'s layers; `forever`: past every retry, from byte 0."""
+    case = download_cases(re.escape(blob_path(source.big.blob.digest)) + "$",
+                          re.escape(blob_path(source.small.blob.digest)) + "$")[name]
+    fault = case.fault
+    if forever:
+        fault = replace(fault, times=FOREVER, after=0)
+    return proxy.add(fault)
+
+
+def check_fired(proxy: FaultProxy, source: Source, name: str, fault: Fault) -> None:
+    """The fault really happened, and a resumable one was resumed, not fetched again whole."""
+    assert fault.fired == fault.times, f"{name} fired {fault.fired} of {fault.times} times"
+    case = download_cases("", "")[name]
+    if case.resumes:
+        big = blob_path(source.big.blob.digest)
+        ranges = [r.headers["Range"] for r in proxy.seen("GET", re.escape(big) + "$")
+                  if "Range" in r.headers]
+        assert len(ranges) == 1, ranges
+        start = int(ranges[0].removeprefix("bytes=").removesuffix("-"))
+        assert 0 < start <= fault.after
+        # What reached gapkit before the break is not fetched again (RST may lose some).
+        assert proxy.downloaded[big] == fault.after + len(source.big.blob.data) - start
+
+
+# --- gapkit copy ---------------------------------------------------------------------------------
+
+
+def copy_through(proxy: FaultProxy, destination: str, *,
+                 check: bool = True) -> subprocess.CompletedProcess[str]:
+    return gapkit("copy", "--retries", RETRIES, "--timeout", TIMEOUT, "--plain-http", proxy.host,
+                  f"docker://{proxy.host}/{REPOSITORY}:{TAG}", destination, "--json",
+                  check=check, timeout=120)
+
+
+@pytest.mark.parametrize(("name", "kind"), COPY_CASES)
+def test_copy_completes_through_a_fault_byte_for_byte(
+        name: str, kind: str, source: Source, proxy: FaultProxy, tmp_path: Path) -> None:
+    fault = arm(proxy, source, name)
+    target = tmp_path / "out" / ("layout" if kind == "oci" else "images.tar")
+    target.parent.mkdir()
+    copy_through(proxy, f"{kind}:{target}")
+    check_fired(proxy, source, name, fault)
+    ref = f"{proxy.host}/{REPOSITORY}:{TAG}"
+    assert skopeo_reads(f"{kind}:{target}:{ref}", tmp_path / "read") == source.digest
+    assert dot_files(target.parent) == []
+
+
+@pytest.mark.parametrize(("name", "kind"), COPY_FAILURES)
+def test_copy_fails_cleanly_once_retries_are_spent(
+        name: str, kind: str, source: Source, proxy: FaultProxy, tmp_path: Path) -> None:
+    fault = arm(proxy, source, name, forever=True)
+    target = tmp_path / "out" / ("layout" if kind == "oci" else "images.tar")
+    target.parent.mkdir()
+    out = copy_through(proxy, f"{kind}:{target}", check=False)
+    assert out.returncode == 1, out.stderr
+    assert_no_traceback(out.stderr)
+    assert proxy.host in out.stderr and source.big.blob.digest in out.stderr, out.stderr
+    assert fault.fired == int(RETRIES) + 1, f"{fault.fired} tries, not 1 + {RETRIES} retries"
+    assert dot_files(target.parent) == []
+    if kind == "oci-archive":
+        assert list(target.parent.iterdir()) == []
+    else:
+        index = json.loads((target / "index.json").read_text()) if (
+            target / "index.json").exists() else {"manifests": []}
+        assert index["manifests"] == []
+        assert not (target / "blobs" / "sha256" / source.big.blob.digest.split(":")[1]).exists()
