@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import datetime
 import difflib
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -189,9 +190,15 @@ def backup_path(path: PurePosixPath, stamp: str) -> PurePosixPath:
 
 
 async def _roll_back(done: list[tuple[FileWrite, PurePosixPath | None]], runner: Runner) -> list[str]:
-    """Put back what `apply` wrote, newest first; what could not be put back, as messages."""
+    """Put back what `apply` wrote; what could not be put back, as messages.
+
+    Created files go first, newest first: removing them frees room on a full disk for putting
+    the replaced ones back (each needs a temp copy of its old content).
+    """
     left = []
-    for write, backup in reversed(done):
+    created = [(w, b) for w, b in reversed(done) if w.old is None]
+    replaced = [(w, b) for w, b in reversed(done) if w.old is not None]
+    for write, backup in created + replaced:
         try:
             if write.old is None:
                 await runner.remove_file(write.path)
@@ -237,13 +244,14 @@ async def apply(plan: Plan, runner: Runner) -> ApplyReport:
             if backup is not None:
                 report.backups.append(backup)
     except NodeError as exc:
-        left = await _roll_back(done, runner)
-        if stray is not None:
+        if stray is not None:  # first: on a full disk, its room is what putting back needs
             with contextlib.suppress(NodeError):
                 await runner.remove_file(stray)
+        left = await _roll_back(done, runner)
         if left:
             raise NodeError(exc.message + "; could not put back: " + "; ".join(left),
-                            hint="restore those files from their backups by hand") from None
+                            hint="restore those files from their backups by hand, or "
+                            + (exc.hint or "fix the cause and run the command again")) from None
         put_back = f"; the {len(done)} file(s) written before were put back" if done else ""
         raise NodeError(exc.message + put_back, hint=exc.hint) from None
     for command in plan.commands_to_run():
@@ -257,12 +265,24 @@ async def apply(plan: Plan, runner: Runner) -> ApplyReport:
     return report
 
 
+def _write_hint(code: int | None, path: PurePosixPath) -> str:
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (f"free space on the filesystem that holds {path.parent} (see `df -h`), then run "
+                "the command again")
+    if code == errno.EROFS:
+        return (f"{path.parent} is on a read-only filesystem: remount it read-write, then run the "
+                "command again")
+    return "check the folder exists and is writable (run as root?)"
+
+
 class LocalRunner:
     """This machine; with `root`, every node path is taken under that folder."""
 
     def __init__(self, root: Path | None = None, name: str = "localhost") -> None:
         self.root = root
         self.name = name
+        #: Folders `write_file` made; `remove_file` removes them again once they are empty.
+        self.made: list[Path] = []
 
     def local(self, path: PurePosixPath) -> Path:
         if self.root is None:
@@ -285,17 +305,32 @@ class LocalRunner:
 
     def _write(self, target: Path, content: bytes, mode: int, shown: PurePosixPath) -> None:
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            missing = [p for p in target.parents if not p.exists()]
+            for folder in reversed(missing):
+                folder.mkdir(exist_ok=True)
+                self.made.append(folder)
             atomic_write(target, content, mode)
         except OSError as exc:
             raise NodeError(f"{self.name}: cannot write {shown}: {exc.strerror}",
-                            hint="check the folder exists and is writable (run as root?)") from None
+                            hint=_write_hint(exc.errno, shown)) from None
 
     async def remove_file(self, path: PurePosixPath) -> None:
+        """Remove the file, and the folders `write_file` made for it that are now empty."""
         try:
-            await asyncio.to_thread(self.local(path).unlink, True)
+            await asyncio.to_thread(self._remove, self.local(path))
         except OSError as exc:
             raise NodeError(f"{self.name}: cannot remove {path}: {exc.strerror}") from None
+
+    def _remove(self, target: Path) -> None:
+        target.unlink(missing_ok=True)
+        for folder in target.parents:
+            if folder not in self.made:
+                return
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            self.made.remove(folder)
 
     async def list_dir(self, path: PurePosixPath) -> list[str] | None:
         try:

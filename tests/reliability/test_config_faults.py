@@ -1,0 +1,298 @@
+"""`gapkit node configure` when the disk fills up, a folder is read-only, or gapkit is killed
+between two files (issue 7, item 5).
+
+Everything is real except `snap`/`microk8s` (the stand-ins of tests/support/microk8s.py, which
+record `snap restart microk8s`): the node root sits on a small tmpfs filled to leave an exact
+number of pages free, or on bind mounts remounted read-only (tests/support/mounts.py, always
+unmounted), and the kill is a real SIGKILL of the gapkit process, sent while gapkit is blocked
+reading a file it is about to replace (a FIFO stands at that path, so the kill point is set by
+which file gapkit has reached, not by timing).
+
+What the plan promises (gapkit/node/plan.py): each file is replaced atomically after its backup
+is written; when a write fails, the files written before are put back and their backups removed,
+so a failed run leaves the node as it found it. After a kill nothing can be put back: the files
+before the kill point are new (with their backups), the rest old, and a rerun converges.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import gapkit
+from tests.support.microk8s import ARGS, StandInMicroK8s
+from tests.support.mounts import PAGE, Mounts, fill
+
+DEFAULTS = Path("/work/shared/data/microk8s/defaults")
+CERTS = ARGS / "certs.d"
+ENV = ARGS / "containerd-env"
+PROXY = ["--proxy", "http://proxy.lan:3128", "--node-address", "198.51.100.10"]
+#: An earlier configuration of quay.io, pointing at an old mirror: replaced, so backed up.
+OLD_QUAY = (b'server = "https://quay.io"\n\n[host."http://10.9.9.9:5000"]\n'
+            b'  capabilities = ["pull", "resolve"]\n')
+
+
+def populate(root: Path, quay: bool = False) -> None:
+    """MicroK8s' shipped files (as tests/node/test_configure.py sets them up)."""
+    args = root / ARGS
+    (args / "certs.d" / "docker.io").mkdir(parents=True)
+    for name in ("containerd-env", "containerd-template.toml", "kube-proxy", "kube-apiserver"):
+        shutil.copyfile(DEFAULTS / name, args / name)
+    shutil.copyfile(DEFAULTS / "certs.d/docker.io/hosts.toml", args / "certs.d/docker.io/hosts.toml")
+    if quay:
+        (args / "certs.d" / "quay.io").mkdir()
+        (args / "certs.d" / "quay.io" / "hosts.toml").write_bytes(OLD_QUAY)
+
+
+def state(root: Path) -> dict[str, bytes | str]:
+    """Every file's bytes and every folder (a folder left behind is a difference too)."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        if name == "filler":
+            continue
+        out[name] = path.read_bytes() if path.is_file() else "<folder>" if path.is_dir() else "<other>"
+    return out
+
+
+def configure(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return gapkit("node", "configure", "--root", str(root), *args, check=False)
+
+
+def check_failed_run(out: subprocess.CompletedProcess[str], reason: str) -> str:
+    """Exit 1, one `error:` naming the file and `reason`, a hint, no traceback; the file."""
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr and "internal error" not in out.stderr, out.stderr
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("error:"))
+    assert reason in line, out.stderr
+    assert "cannot write /var/snap/microk8s/current/args/" in line, out.stderr
+    assert "hint:" in out.stderr
+    return line.split("cannot write ", 1)[1].split(":", 1)[0]
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.fixture
+def microk8s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StandInMicroK8s:
+    stand_in = StandInMicroK8s(tmp_path / "stand-in").install()
+    monkeypatch.setenv("PATH", stand_in.path)
+    return stand_in
+
+
+@pytest.fixture
+def mounts() -> Iterator[Mounts]:
+    with Mounts() as made:
+        yield made
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> Path:
+    path = tmp_path / "ca.crt"
+    path.write_text("-----BEGIN CERTIFICATE-----\n" + "QUJD" * 400 + "\n-----END CERTIFICATE-----\n")
+    return path
+
+
+# -- the disk fills up -----------------------------------------------------------------------------
+
+
+def many_files(ca: Path) -> list[str]:
+    """Seven writes: a CA and a hosts.toml per upstream (docker.io's and quay.io's replaced,
+    registry.k8s.io's created with its folder), then the containerd-env edit."""
+    return ["--mirror", "https://10.0.0.5:5000", "--ca", str(ca), "--registries",
+            "docker.io,quay.io,registry.k8s.io", *PROXY]
+
+
+def replaced_files(ca: Path) -> list[str]:
+    """Two writes, both replacing a file (so both backed up): docker.io's hosts.toml, then
+    containerd-env. A failure at the second leaves no created file whose removal frees room to
+    put the first back."""
+    return ["--mirror", "http://10.0.0.5:5000", "--registries", "docker.io", *PROXY]
+
+
+@pytest.mark.parametrize("scenario", [many_files, replaced_files])
+def test_disk_full_at_every_page_leaves_the_node_as_it_was_and_a_rerun_converges(
+        tmp_path: Path, mounts: Mounts, microk8s: StandInMicroK8s, ca: Path,
+        scenario: object) -> None:
+    """The root on a 256 KiB tmpfs, filled to leave 0, 1, 2, ... pages free: each run stops at
+    the next write (the first CA, a backup, a hosts.toml, containerd-env) until one fits. Each
+    failed run exits 1 naming the file and saying to free space, leaves every file, folder and
+    backup as it was and no temp file; after freeing the space the same command completes, and a
+    third run changes nothing."""
+    assert callable(scenario)
+    args: list[str] = scenario(ca)
+    root = mounts.tmpfs(tmp_path / "node", 256 * 1024)
+    failed_at: list[str] = []
+    for pages in range(40):
+        for child in root.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        populate(root, quay=True)
+        before = state(root)
+        filler = fill(root, pages * PAGE)
+        restarts = microk8s.restarts()
+        out = configure(root, *args)
+        if out.returncode == 0:
+            break
+        failed_at.append(check_failed_run(out, "No space left on device"))
+        assert "free" in out.stderr.split("hint:", 1)[1], out.stderr
+        assert state(root) == before, f"{pages} page(s) free: {out.stderr}"
+        assert temp_files(root) == []
+        assert microk8s.restarts() == restarts
+        filler.unlink()
+        rerun = configure(root, *args)
+        assert rerun.returncode == 0, rerun.stderr
+        done = state(root)
+        for name, content in done.items():  # each backup is the old file, byte for byte
+            if ".gapkit-backup-" in name:
+                assert content == before[name.split(".gapkit-backup-")[0]]
+        assert configure(root, *args).stderr.count("already configured") == 1
+        assert state(root) == done
+    else:
+        raise AssertionError("configure never fitted")
+    assert len(failed_at) >= 3 and len(set(failed_at)) >= 2, failed_at
+    assert any(".gapkit-backup-" in name for name in failed_at), failed_at  # while backing up
+    assert any(name.endswith("containerd-env") for name in failed_at), failed_at
+
+
+# -- a read-only folder ----------------------------------------------------------------------------
+
+
+def test_a_read_only_args_folder_at_the_last_file_puts_back_six_files_and_two_folders(
+        tmp_path: Path, mounts: Mounts, microk8s: StandInMicroK8s, ca: Path) -> None:
+    """`args/` read-only (a bind mount remounted ro) with `certs.d/` writable under it: every
+    CA and hosts.toml is written, then containerd-env fails. The six written files are put back
+    (quay.io's and docker.io's old hosts.toml, the CAs and registry.k8s.io's folder removed),
+    no backup is left; remounted read-write, the same command completes."""
+    real = tmp_path / "real"
+    populate(real, quay=True)
+    root = tmp_path / "node"
+    (root / ARGS).mkdir(parents=True)
+    args_folder = mounts.read_only_bind(real / ARGS, root / ARGS)
+    mounts.bind(real / CERTS, root / CERTS)
+    before = state(root)
+    out = configure(root, *many_files(ca))
+    assert "args/containerd-env" in check_failed_run(out, "Read-only file system")
+    assert "put back" in out.stderr and "read-only" in out.stderr.split("hint:", 1)[1]
+    assert state(root) == before
+    subprocess.run(["mount", "-o", "remount,bind,rw", str(args_folder)], check=True)
+    assert configure(root, *many_files(ca)).returncode == 0
+    assert microk8s.restarts() == 1
+    assert b"HTTPS_PROXY=http://proxy.lan:3128" in (root / ENV).read_bytes()
+
+
+# -- killed between two files ----------------------------------------------------------------------
+
+
+def open_when_read(fifo: Path, process: subprocess.Popen[str], deadline: float) -> int:
+    """Wait (no fixed sleep decides anything) until `process` opens `fifo` to read it."""
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+        if process.poll() is not None:
+            raise AssertionError(f"gapkit ended before reading {fifo}: {process.stderr}")
+        assert time.monotonic() < deadline, f"gapkit never read {fifo}"
+        time.sleep(0.005)
+
+
+def wait_open(fifo: Path, process: subprocess.Popen[str], deadline: float, want: bool) -> None:
+    """Wait until a file descriptor of `process` is open on `fifo` (`want`), or none is."""
+    fds = Path(f"/proc/{process.pid}/fd")
+    while True:
+        opened = set()
+        for fd in fds.iterdir():
+            try:
+                opened.add(os.readlink(fd))
+            except FileNotFoundError:
+                continue
+        if (str(fifo) in opened) == want:
+            return
+        assert time.monotonic() < deadline, f"gapkit never {'opened' if want else 'closed'} {fifo}"
+        time.sleep(0.005)
+
+
+#: Plan order of `many_files`: the paths, and which of them existed before.
+ORDER = [CERTS / "docker.io/ca.crt", CERTS / "docker.io/hosts.toml", CERTS / "quay.io/ca.crt",
+         CERTS / "quay.io/hosts.toml", CERTS / "registry.k8s.io/ca.crt",
+         CERTS / "registry.k8s.io/hosts.toml", ENV]
+
+
+@pytest.mark.parametrize("kill_at", [CERTS / "docker.io/hosts.toml", CERTS / "quay.io/hosts.toml",
+                                     ENV], ids=["docker.io", "quay.io", "containerd-env"])
+def test_killed_between_files_the_earlier_files_are_new_with_backups_and_a_rerun_converges(
+        tmp_path: Path, microk8s: StandInMicroK8s, ca: Path, kill_at: Path) -> None:
+    """gapkit is SIGKILLed when it opens `kill_at` to check it before replacing it (the file is a
+    FIFO: gapkit's planning read gets the old content through it; its second read, in apply,
+    blocks until the kill). Then: every file before `kill_at` in the plan is new, with a backup
+    of the old one beside it when there was one; `kill_at` and every later file are old; no temp
+    file; no restart. The rerun writes the rest (backing them up), restarts MicroK8s once, and
+    a third run changes nothing."""
+    root = tmp_path / "node"
+    populate(root, quay=True)
+    fifo = root / kill_at
+    old = fifo.read_bytes()
+    fifo.unlink()
+    os.mkfifo(fifo)
+    before = {path: (root / path).read_bytes() if (root / path).is_file() else None
+              for path in ORDER if path != kill_at}
+    before[kill_at] = old
+    argv = [sys.executable, "-m", "gapkit", "node", "configure", "--root", str(root),
+            *many_files(ca)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        # Planning reads the file: give it the old content, and see that read finish (gapkit
+        # holds the FIFO open until this end closes, then closes it). Apply's read then blocks
+        # in open() until a writer comes: that is where gapkit is killed.
+        fd = open_when_read(fifo, process, deadline)
+        os.write(fd, old)
+        wait_open(fifo, process, deadline, want=True)
+        os.close(fd)
+        wait_open(fifo, process, deadline, want=False)
+        fd = open_when_read(fifo, process, deadline)  # apply checks it again: kill it there
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+        os.close(fd)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+    fifo.unlink()
+    fifo.write_bytes(old)  # the file as it was (the FIFO only stood in to stop gapkit there)
+
+    killed = ORDER.index(kill_at)
+    for i, path in enumerate(ORDER):
+        now = (root / path).read_bytes() if (root / path).is_file() else None
+        backups = list((root / path).parent.glob(path.name + ".gapkit-backup-*"))
+        if i < killed:
+            assert now is not None and now != before[path], path
+            assert [b.read_bytes() for b in backups] == ([] if before[path] is None
+                                                         else [before[path]]), path
+        else:
+            assert now == before[path] and backups == [], path
+    assert temp_files(root) == []
+    assert microk8s.restarts() == 0
+
+    rerun = configure(root, *many_files(ca))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "already as wanted" in rerun.stdout or killed == 1
+    assert microk8s.restarts() == 1
+    for path in ORDER:
+        backups = list((root / path).parent.glob(path.name + ".gapkit-backup-*"))
+        assert [b.read_bytes() for b in backups] == ([] if before[path] is None else [before[path]])
+    done = state(root)
+    again = configure(root, *many_files(ca))
+    assert again.returncode == 0 and "nothing to change" in again.stdout
+    assert state(root) == done and microk8s.restarts() == 1
