@@ -336,6 +336,10 @@ class _DockerImage:
 # The store
 
 
+#: Bytes written between two fdatasyncs of an archive being written.
+WRITE_BACK_STEP = 128 << 20
+
+
 @dataclass
 class _Writer:
     """State of an archive being written."""
@@ -347,6 +351,8 @@ class _Writer:
     finalizer: weakref.finalize[Any, Any]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     position: int = 0
+    #: Where the last fdatasync reached (see `ArchiveStore._write_back`).
+    written_back: int = 0
     broken: str | None = None
     extra_members: dict[str, _Member] = field(default_factory=dict)
     #: docker format: name -> the image manifest written for it.
@@ -851,6 +857,7 @@ class ArchiveStore:
                 raise
             writer.position = start + len(header) + size + (-size % _BLOCK)
             self._blobs[digest] = _Member(_blob_name(digest), start + len(header), size)
+            await self._write_back(writer)
 
     # ---- Store: names ------------------------------------------------------------------
 
@@ -1036,7 +1043,15 @@ class ArchiveStore:
                     await closer()
             raise
         writer.position = start + len(header) + size + (-size % _BLOCK)
+        await self._write_back(writer)
         return _Member(name, start + len(header), size)
+
+    async def _write_back(self, writer: _Writer) -> None:
+        """fdatasync every `WRITE_BACK_STEP` bytes, so the disk writes the archive while it is
+        still being fetched, and the fsync of `close()` has only the last part left to wait for."""
+        if writer.position - writer.written_back >= WRITE_BACK_STEP:
+            await self._io(os.fdatasync, writer.file.fileno())
+            writer.written_back = writer.position
 
     def _rollback(self, writer: _Writer, start: int) -> None:
         """Cut the temp file back to `start`. Queued on the writer thread, so it runs after
