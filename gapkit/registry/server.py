@@ -42,9 +42,13 @@ the server starts; images whose manifests are damaged are reported and not serve
 
 Request limits: aiohttp refuses request lines over 8190 bytes, header fields over 8190 bytes
 and more than 100 headers (400); this server answers 414 for a request target over
-`MAX_TARGET` bytes and 431 for headers over `MAX_HEADER_BYTES` in total. Paths are taken raw
-(never percent-decoded): anything outside the spec's grammar, `%2F` and `..` included, is
-refused with 400 (or 404 off `/v2/`) before any lookup.
+`MAX_TARGET` bytes and 431 for headers over `MAX_HEADER_BYTES` in total. A connection that
+has not sent a whole request `IDLE_TIMEOUT` seconds after it opened (or after its last answer)
+is closed: slow clients cannot hold the server's connections. With `--htpasswd`, credentials
+are checked first: every request without them (or with several Authorization headers) gets
+the same 401, whatever it asks for. Paths are taken raw (never percent-decoded): anything
+outside the spec's grammar, `%2F` and `..` included, is refused with 400 (or 404 off `/v2/`)
+before any lookup.
 """
 
 from __future__ import annotations
@@ -94,6 +98,10 @@ MAX_TARGET = 4096
 MAX_HEADER_BYTES = 16 * 1024
 #: aiohttp's own parser limits (400 beyond them).
 PARSER_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 100}
+#: Seconds a connection may go without a whole request (a slow or idle client), counted from
+#: its start or the end of its last answer; then it is closed. aiohttp's own default is an
+#: hour, which lets slow clients hold every file descriptor the process may open.
+IDLE_TIMEOUT = 15.0
 #: Seconds in-flight requests get to finish after SIGINT/SIGTERM.
 SHUTDOWN_GRACE = 5.0
 CHUNK = 1024 * 1024
@@ -223,7 +231,9 @@ class RegistryServer:
         self._pending: dict[Digest, asyncio.Future[str | None]] = {}
         self._warm: asyncio.Task[None] | None = None
         self.app = web.Application(middlewares=[self._middleware], client_max_size=1024)
-        self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        # No routes: `_middleware` hands every request to `_dispatch`, whatever aiohttp's
+        # router would make of its path (CONNECT's `host:port`, a `%0a` decoded to a newline),
+        # so none gets aiohttp's own 404 before the credentials are checked.
         self.app.on_response_prepare.append(_api_header)
 
     # ---- entry --------------------------------------------------------------------------
@@ -236,7 +246,7 @@ class RegistryServer:
         request["gapkit.bytes"] = 0
         status = 500
         try:
-            response = await handler(request)
+            response = await self._dispatch(request)
             status = response.status
             return response
         except _Refusal as refusal:
@@ -268,15 +278,19 @@ class RegistryServer:
         return response
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if self.htpasswd is not None:
+            # First, before anything about the request is looked at: without credentials,
+            # every request gets the same answer. Several Authorization headers: refused, as
+            # a proxy in front may have checked another one than this server would.
+            authorization = request.headers.getall("Authorization", [])
+            if len(authorization) != 1 or not await self.htpasswd.check(authorization[0]):
+                raise _Refusal(401, "UNAUTHORIZED", "authentication required",
+                               headers={"WWW-Authenticate": challenge()})
         target = request.raw_path
         if len(target) > MAX_TARGET:
             raise _Refusal(414, "NAME_INVALID", "the request target is too long")
         if sum(len(k) + len(v) for k, v in request.raw_headers) > MAX_HEADER_BYTES:
             raise _Refusal(431, "UNSUPPORTED", "the request headers are too large")
-        if self.htpasswd is not None and not await self.htpasswd.check(
-                request.headers.get("Authorization")):
-            raise _Refusal(401, "UNAUTHORIZED", "authentication required",
-                           headers={"WWW-Authenticate": challenge()})
         if request.method not in ("GET", "HEAD"):
             raise _Refusal(405, "UNSUPPORTED", "this registry is read-only: only GET and HEAD",
                            headers={"Allow": "GET, HEAD"})
@@ -581,6 +595,11 @@ def _parse_digest(text: str) -> Digest:
                        "(sha256 and sha512 only)", detail={"digest": text}) from None
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: `str.isdigit` also takes `²` (which `int` refuses) and `٩`."""
+    return text.isascii() and text.isdigit()
+
+
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
     """One `bytes=` range as (start, end-exclusive); None to serve everything."""
     if header is None:
@@ -593,13 +612,13 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | Literal["un
     if not dash or len(first) > 19 or len(last) > 19:
         return None
     if not first:
-        if not last.isdigit():
+        if not _digits(last):
             return None
         suffix = int(last)
         if suffix == 0:
             return "unsatisfiable"
         return max(0, size - suffix), size
-    if not first.isdigit() or (last and not last.isdigit()):
+    if not _digits(first) or (last and not _digits(last)):
         return None
     start = int(first)
     end = int(last) + 1 if last else size
@@ -618,7 +637,7 @@ def _page(items: list[str], request: web.Request) -> tuple[list[str], str | None
         items = [i for i in items if i > last]
     limit = MAX_PAGE
     if n_text is not None:
-        if not n_text.isdigit() or len(n_text) > 9:
+        if not _digits(n_text) or len(n_text) > 9:
             raise _Refusal(400, "PAGINATION_NUMBER_INVALID", "n must be a non-negative integer",
                            detail={"n": _clean(n_text, 20)})
         limit = min(int(n_text), MAX_PAGE)
@@ -699,6 +718,7 @@ async def serve(
     server = RegistryServer(opened, users, access_log, verify_ahead)
     runner = web.AppRunner(server.app, access_log=None, handle_signals=False,
                            shutdown_timeout=SHUTDOWN_GRACE, logger=server.protocol_logger(),
+                           keepalive_timeout=IDLE_TIMEOUT,
                            **PARSER_LIMITS)  # type: ignore[arg-type]
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
