@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gapkit.bundle.model import BUNDLE_JSON, BundleManifest
+from gapkit.bundle.model import BUNDLE_JSON, MAX_BUNDLE_JSON_SIZE, BundleManifest
 from gapkit.errors import BundleError, GapkitError
 from gapkit.oci.stores.archive import ArchiveStore
 
@@ -34,7 +34,7 @@ async def read_bundle_json(store: ArchiveStore) -> BundleManifest:
         raise BundleError(
             f"{store.path} has no {BUNDLE_JSON}: it is not a gapkit bundle",
             hint="for an image archive that is not a bundle, use `gapkit copy oci-archive:FILE …`")
-    data = b"".join([chunk async for chunk in store.open_member(BUNDLE_JSON)])
+    data = await store.read_member(BUNDLE_JSON, MAX_BUNDLE_JSON_SIZE)
     try:
         return BundleManifest.model_validate_json(data)
     except ValidationError as exc:

@@ -21,8 +21,15 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gapkit.bundle.model import BUNDLE_JSON, BundleManifest, BundleSnap
+from gapkit.bundle.model import (
+    BUNDLE_JSON,
+    MAX_ASSERTION_SIZE,
+    MAX_BUNDLE_JSON_SIZE,
+    BundleManifest,
+    BundleSnap,
+)
 from gapkit.errors import GapkitError, StoreError
+from gapkit.oci.copy import MAX_INDEX_DEPTH
 from gapkit.oci.model import INDEX_MEDIA_TYPES, Descriptor, Digest, Platform
 from gapkit.oci.reference import Reference
 from gapkit.oci.stores.archive import ArchiveStore
@@ -128,7 +135,11 @@ async def _bundle_manifest(store: ArchiveStore, report: VerifyReport) -> BundleM
         report.problems.append(Problem(BUNDLE_JSON, "missing: this is not a gapkit bundle, "
                                        "or it was cut short"))
         return None
-    data = b"".join([chunk async for chunk in store.open_member(BUNDLE_JSON)])
+    try:
+        data = await store.read_member(BUNDLE_JSON, MAX_BUNDLE_JSON_SIZE)
+    except GapkitError as exc:
+        report.problems.append(Problem(BUNDLE_JSON, exc.message))
+        return None
     try:
         return BundleManifest.model_validate_json(data)
     except ValidationError as exc:
@@ -178,8 +189,20 @@ async def _check_images(store: ArchiveStore, platforms: set[Platform] | None,
     names = await store.images()
     report.images = len(names)
     in_layout = {str(ref.with_digest(None)): ref.digest for ref in names}
+    # Each manifest is checked once, however many names and indexes list it: listing one
+    # index thousands of times, nested, must not make verify do exponential work.
+    seen: set[Digest] = set()
+    first_name: dict[Digest | None, tuple[str, int]] = {}
     for ref in names:
-        await _walk_image(store, ref, platforms, report)
+        name = str(ref.with_digest(None))
+        if ref.digest in first_name:
+            first, problems = first_name[ref.digest]
+            if problems:
+                report.problems.append(Problem(name, f"the same manifest as {first}: see above"))
+            continue
+        before = len(report.problems)
+        await _walk_image(store, ref, platforms, report, seen)
+        first_name[ref.digest] = (name, len(report.problems) - before)
     if manifest is None:
         return
     listed = {image.reference: image.digest for image in manifest.images}
@@ -194,7 +217,7 @@ async def _check_images(store: ArchiveStore, platforms: set[Platform] | None,
 
 
 async def _walk_image(store: ArchiveStore, ref: Reference, platforms: set[Platform] | None,
-                      report: VerifyReport, depth: int = 0) -> None:
+                      report: VerifyReport, seen: set[Digest], depth: int = 0) -> None:
     name = str(ref.with_digest(None)) if depth == 0 else f"{ref.repository}@{ref.digest}"
     try:
         manifest = await store.get_manifest(ref)
@@ -202,8 +225,8 @@ async def _walk_image(store: ArchiveStore, ref: Reference, platforms: set[Platfo
         report.problems.append(Problem(name, exc.message))
         return
     if manifest.is_index:
-        if depth >= 3:
-            report.problems.append(Problem(name, "indexes nest too deep"))
+        if depth >= MAX_INDEX_DEPTH:
+            report.problems.append(Problem(name, f"indexes nest more than {MAX_INDEX_DEPTH} deep"))
             return
         if platforms is not None:
             wanted = [*manifest.select(frozenset(platforms)),
@@ -215,8 +238,11 @@ async def _walk_image(store: ArchiveStore, ref: Reference, platforms: set[Platfo
         if not wanted:
             report.problems.append(Problem(name, "has no manifest for the bundle's platforms"))
         for child in wanted:
+            if child.digest in seen:
+                continue
+            seen.add(child.digest)
             await _walk_image(store, Reference(ref.repository, None, child.digest), platforms,
-                              report, depth + 1)
+                              report, seen, depth + 1)
         return
     await _check_present(store, name, manifest.blobs, report)
 
@@ -306,10 +332,10 @@ async def _check_snaps(store: ArchiveStore, checks: list[_SnapCheck], report: Ve
             report.problems.append(Problem(snap.file, "damaged: its content does not match "
                                            "the digests bundle.json records"))
             continue
-        text = b"".join([c async for c in store.open_member(snap.assertion)])
         try:
+            text = await store.read_member(snap.assertion, MAX_ASSERTION_SIZE)
             assertions = SnapAssertions.parse(text, snap.assertion)
-        except SnapError as exc:
+        except (GapkitError, SnapError) as exc:
             report.problems.append(Problem(snap.assertion, exc.message))
             continue
         if assertions.sha3_384 != _sha3_b64(sha3) or assertions.size != size:

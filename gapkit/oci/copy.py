@@ -198,7 +198,7 @@ class _Copier:
         if not top.is_index:
             return _Resolved(top, [top], True)
         children: list[Manifest] = []
-        complete = await self._collect(ref, top, children, depth=1)
+        complete = await self._collect(ref, top, children, 1, {top.digest})
         if not any(not c.is_index for c in children):
             available = ", ".join(sorted({str(d.platform) for d in top.manifests if d.platform}))
             wanted = ", ".join(sorted(str(p) for p in self.platforms or ()))
@@ -209,7 +209,9 @@ class _Copier:
         return _Resolved(top, children, complete)
 
     async def _collect(self, ref: Reference, index: Manifest, out: list[Manifest],
-                       depth: int) -> bool:
+                       depth: int, seen: set[Digest]) -> bool:
+        """Fetch the manifests under `index` for our platforms into `out`, each digest once
+        (`seen`): an index listing one child thousands of times, nested, is not a bomb."""
         if depth > MAX_INDEX_DEPTH:
             raise ManifestError(f"{ref} nests indexes more than {MAX_INDEX_DEPTH} deep")
         selected = index.manifests if self.platforms is None else tuple(
@@ -220,11 +222,13 @@ class _Copier:
             selected = tuple([d for d in selected if await self.source.head_manifest(
                 ref.with_tag(None).with_digest(d.digest)) is not None])
         complete = len(selected) == len(index.manifests)
-        fetched = await gather_all(self.source.get_manifest(ref.with_tag(None).with_digest(d.digest))
-                             for d in selected)
+        fresh = {d.digest: d for d in selected if d.digest not in seen}
+        seen.update(fresh)
+        fetched = await gather_all(self.source.get_manifest(ref.with_tag(None).with_digest(digest))
+                                   for digest in fresh)
         for child in fetched:
             if child.is_index:
-                complete = await self._collect(ref, child, out, depth + 1) and complete
+                complete = await self._collect(ref, child, out, depth + 1, seen) and complete
             out.append(child)
         return complete
 

@@ -504,9 +504,11 @@ class ArchiveStore:
             raise StoreError(exc.message, hint=_DAMAGED) from None
         if not index.is_index:
             raise StoreError(f"{where} is not an image index", hint=_DAMAGED)
-        self._collect_names(index.manifests, depth=0)
+        self._collect_names(index.manifests, 0, set())
 
-    def _collect_names(self, descriptors: tuple[Descriptor, ...], depth: int) -> None:
+    def _collect_names(self, descriptors: tuple[Descriptor, ...], depth: int,
+                       seen: set[Digest]) -> None:
+        """Names from index entries, looking into each nameless nested index once (`seen`)."""
         for desc in descriptors:
             if desc.media_type:
                 self._media_types.setdefault(desc.digest, desc.media_type)
@@ -519,15 +521,17 @@ class ArchiveStore:
                 self._listed[listed] = None
             member = self._blobs.get(desc.digest)
             if (matches or desc.media_type not in INDEX_MEDIA_TYPES or member is None
-                    or depth >= MAX_INDEX_DEPTH or member.size > MAX_MANIFEST_SIZE):
+                    or depth >= MAX_INDEX_DEPTH or member.size > MAX_MANIFEST_SIZE
+                    or desc.digest in seen):
                 continue
+            seen.add(desc.digest)
             # A nameless nested index: the names may be on its entries.
             try:
                 nested = Manifest.parse(self._read_metadata(member), desc.media_type,
                                         f"{self.path}: member {member.name}", desc.digest)
             except ManifestError:
                 continue
-            self._collect_names(nested.manifests, depth + 1)
+            self._collect_names(nested.manifests, depth + 1, seen)
 
     def _load_docker(self, tar: _TarIndex) -> None:
         self._index_blobs(tar)  # Docker 25+ tars keep blobs/sha256/ even without oci-layout
@@ -937,6 +941,17 @@ class ArchiveStore:
                 yield chunk
         finally:
             os.close(fd)
+
+    async def read_member(self, name: str, limit: int) -> bytes:
+        """The bytes of member `name`, refused before reading when it is over `limit` bytes."""
+        member = self._extra_member(name)
+        if member is None:
+            raise NotFound(f"{self.path} has no member {name!r}")
+        if member.size > limit:
+            raise StoreError(
+                f"{self.path}: member {member.name!r} is {member.size} bytes, more than the "
+                f"{limit} gapkit reads of it; refusing it", hint="the archive is hostile or broken")
+        return await asyncio.to_thread(_pread_exact, self._data_path, member.offset, member.size)
 
     def member_location(self, name: str) -> tuple[Path, int, int] | None:
         """(file, offset, size) of member `name`'s bytes, for hashing or sendfile; reading only."""
