@@ -62,6 +62,11 @@ class RegistryError(GapkitError):
     """A registry answered with an error or could not be reached."""
 
 
+class UploadInterrupted(RegistryError):
+    """An upload broke in transit (reset, stall, 5xx) and may be sent again from a new read of
+    its source; the registry store bounds how many times."""
+
+
 class AuthError(RegistryError):
     """A registry refused the credentials (or got none)."""
 

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from gapkit.errors import GapkitError, ManifestError, NotFound
+from gapkit.errors import GapkitError, ManifestError, NotFound, UploadInterrupted
 from gapkit.oci.model import INDEX_MEDIA_TYPES, OCI_INDEX, Descriptor, Digest, Manifest, Platform
 from gapkit.oci.reference import Reference, Repository
 from gapkit.oci.stores.base import Store
@@ -251,14 +251,19 @@ class _Copier:
                 return
             async with self.slots:
                 self.on_event(BlobStarted(desc.digest, desc.size))
-                stream = VerifiedStream(
-                    self.source.open_blob(src_repo, desc), desc, where=str(src_repo),
-                    on_bytes=lambda n: self.on_event(BlobProgress(desc.digest, n)),
-                    checked_by_destination=getattr(self.destination, "verifies_digests", False))
-                try:
-                    await self.destination.put_blob(dst_repo, desc, stream)
-                finally:
-                    await stream.aclose()
+                while True:
+                    stream = VerifiedStream(
+                        self.source.open_blob(src_repo, desc), desc, where=str(src_repo),
+                        on_bytes=lambda n: self.on_event(BlobProgress(desc.digest, n)),
+                        checked_by_destination=getattr(self.destination, "verifies_digests",
+                                                       False))
+                    try:
+                        await self.destination.put_blob(dst_repo, desc, stream)
+                        break
+                    except UploadInterrupted:
+                        continue  # send it again; the destination bounds how many times
+                    finally:
+                        await stream.aclose()
             if stream.received == 0 and desc.size > 0:
                 self.report.blobs_mounted += 1
                 self.on_event(BlobFinished(desc.digest, desc.size, "mounted"))

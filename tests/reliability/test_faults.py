@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tests.reliability.conftest import (
 )
 from tests.support.cli import gapkit
 from tests.support.faults import Fault, FaultProxy
+from tests.support.peers import Registry
 
 RETRIES = "2"
 TIMEOUT = "1"
@@ -143,3 +145,120 @@ def test_copy_fails_cleanly_once_retries_are_spent(
             target / "index.json").exists() else {"manifests": []}
         assert index["manifests"] == []
         assert not (target / "blobs" / "sha256" / source.big.blob.digest.split(":")[1]).exists()
+
+
+# --- gapkit bundle create ------------------------------------------------------------------------
+
+BUNDLE_IMAGE = f"docker.io/{REPOSITORY}:{TAG}"
+#: Bundles go through the proxy as a docker.io mirror, as an operator's pull-through cache.
+BUNDLE_CASES = ["reset", "stall", "trickle", "truncate", "503-retry-after", "500"]
+BUNDLE_FAILURES = ["reset", "429"]
+
+
+def bundle_through(proxy: FaultProxy, output: Path, cache: Path, *,
+                   check: bool = True) -> subprocess.CompletedProcess[str]:
+    return gapkit("bundle", "create", "--no-snaps", f"--image={BUNDLE_IMAGE}",
+                  "--platform=linux/amd64", f"--mirror=docker.io=http://{proxy.host}",
+                  "--retries", RETRIES, "--timeout", TIMEOUT, "--cache", str(cache),
+                  "-o", str(output), "--json", check=check, timeout=120)
+
+
+@pytest.mark.parametrize("name", BUNDLE_CASES)
+def test_bundle_create_completes_through_a_fault_and_verifies(
+        name: str, source: Source, proxy: FaultProxy, tmp_path: Path) -> None:
+    fault = arm(proxy, source, name)
+    output = tmp_path / "out" / "bundle.tar"
+    report = json.loads(bundle_through(proxy, output, tmp_path / "cache").stdout)
+    check_fired(proxy, source, name, fault)
+    assert report["manifest"]["images"][0]["digest"] == source.digest
+    gapkit("bundle", "verify", str(output))
+    assert skopeo_reads(f"oci-archive:{output}:{BUNDLE_IMAGE}", tmp_path / "read") == source.digest
+    assert dot_files(output.parent) == [] and dot_files(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("name", BUNDLE_FAILURES)
+def test_bundle_create_fails_cleanly_once_retries_are_spent(
+        name: str, source: Source, proxy: FaultProxy, tmp_path: Path) -> None:
+    fault = arm(proxy, source, name, forever=True)
+    output = tmp_path / "out" / "bundle.tar"
+    out = bundle_through(proxy, output, tmp_path / "cache", check=False)
+    assert out.returncode == 1, out.stderr
+    assert_no_traceback(out.stderr)
+    # The mirror gave up, then docker.io itself was out of reach (the tests have no internet).
+    assert proxy.host in out.stderr and f"{REPOSITORY}" in out.stderr, out.stderr
+    assert fault.fired == int(RETRIES) + 1
+    assert list((tmp_path / "out").iterdir()) == []
+    assert dot_files(tmp_path / "cache") == []
+
+
+# --- gapkit registry push ------------------------------------------------------------------------
+
+UPLOADS = "/blobs/uploads/"
+
+
+def push_cases() -> dict[str, Fault]:
+    retry_after = {"Retry-After": "1"}
+    return {
+        "reset-streamed": Fault("reset", method="PATCH", path=UPLOADS, after=700_000),
+        "reset-monolithic": Fault("reset", method="PUT", path=UPLOADS, after=100_000),
+        "stall-streamed": Fault("stall", method="PATCH", path=UPLOADS, after=500_000, seconds=4),
+        "trickle-streamed": Fault("trickle", method="PATCH", path=UPLOADS, piece=262_144,
+                                  seconds=0.4),
+        "truncate-streamed": Fault("truncate", method="PATCH", path=UPLOADS, after=900_000),
+        "503-streamed": Fault("status", method="PATCH", path=UPLOADS, status=503, times=2),
+        "429-retry-after-start": Fault("status", method="POST", path=UPLOADS + "$", status=429,
+                                       headers=retry_after, times=2),
+        "503-retry-after-monolithic": Fault("status", method="PUT", path=UPLOADS, status=503,
+                                            headers=retry_after, times=2),
+        "500-manifest": Fault("status", method="PUT", path="/manifests/", status=500, times=2),
+    }
+
+
+PUSH_FAILURES = ["reset-streamed", "reset-monolithic", "500-manifest"]
+
+
+@pytest.fixture(scope="module")
+def bundle(source: Source, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("reliability-bundle")
+    output = folder / "bundle.tar"
+    gapkit("bundle", "create", "--no-snaps", f"--image={BUNDLE_IMAGE}", "--platform=linux/amd64",
+           f"--mirror=docker.io={source.registry.url}", "--cache", str(folder / "cache"),
+           "-o", str(output))
+    return output
+
+
+def push_through(proxy: FaultProxy, bundle: Path, *,
+                 check: bool = True) -> subprocess.CompletedProcess[str]:
+    return gapkit("registry", "push", str(bundle), "--to", proxy.host, "--plain-http",
+                  "--retries", RETRIES, "--timeout", TIMEOUT, "--json", check=check, timeout=120)
+
+
+@pytest.mark.parametrize("name", list(push_cases()))
+def test_registry_push_completes_through_a_fault(
+        name: str, source: Source, bundle: Path, registry: Registry,
+        proxy_for: Callable[[Registry], FaultProxy], tmp_path: Path) -> None:
+    proxy = proxy_for(registry)
+    fault = proxy.add(push_cases()[name])
+    report = json.loads(push_through(proxy, bundle).stdout)
+    assert fault.fired == fault.times, f"{name} fired {fault.fired} of {fault.times} times"
+    assert report["images"][0]["digest"] == source.digest
+    pushed = f"docker://{registry.host}/{REPOSITORY}:{TAG}"
+    assert skopeo_reads(pushed, tmp_path / "read", "--src-tls-verify=false") == source.digest
+
+
+@pytest.mark.parametrize("name", PUSH_FAILURES)
+def test_registry_push_fails_cleanly_once_retries_are_spent(
+        name: str, bundle: Path, registry: Registry,
+        proxy_for: Callable[[Registry], FaultProxy]) -> None:
+    proxy = proxy_for(registry)
+    fault = proxy.add(replace(push_cases()[name], times=FOREVER))
+    out = push_through(proxy, bundle, check=False)
+    assert out.returncode == 1, out.stderr
+    assert_no_traceback(out.stderr)
+    assert proxy.host in out.stderr and REPOSITORY in out.stderr, out.stderr
+    # aiohttp itself sends an idempotent request (PUT) once more when a reused connection
+    # breaks before the answer (RFC 9112 9.3.1), so each of gapkit's tries may count twice.
+    tries = int(RETRIES) + 1
+    assert tries <= fault.fired <= 2 * tries, f"{fault.fired} tries, not 1 + {RETRIES} retries"
+    status, _, _ = registry.request(f"/v2/{REPOSITORY}/manifests/{TAG}", method="HEAD")
+    assert status == 404

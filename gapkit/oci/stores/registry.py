@@ -53,6 +53,7 @@ from gapkit.errors import (
     ManifestError,
     NotFound,
     RegistryError,
+    UploadInterrupted,
     UsageError,
 )
 from gapkit.oci.auth import Credentials, CredentialSource, registry_key
@@ -88,6 +89,10 @@ MAX_REDIRECTS = 10
 MAX_ERROR_BODY = 64 * 1024
 TAG_PAGE_SIZE = 1000
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+#: Answers to an upload that mean: send it again (404: the registry lost the session).
+_SEND_AGAIN = _RETRYABLE_STATUSES | {404}
+_LOST_UPLOAD = frozenset({"BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID"})
 _READ_BUFSIZE = 256 * 1024
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _AUTH_PARAM_RE = re.compile(r'([A-Za-z][\w-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
@@ -275,8 +280,16 @@ class _HostState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+class _Broken(Exception):
+    """An upload was answered in a way worth sending it again for, in a new session."""
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
 class _UploadBody:
-    """An upload body that remembers why its source failed.
+    """An upload body that remembers why its source failed and when it last moved.
 
     aiohttp wraps an exception raised by a body iterator into a connection error; the original
     (for example `DigestMismatch` from `VerifiedStream`) is what the caller must see.
@@ -285,11 +298,15 @@ class _UploadBody:
     def __init__(self, chunks: AsyncIterator[bytes]) -> None:
         self.chunks = chunks
         self.error: BaseException | None = None
+        #: `time.monotonic()` when the body was last taken from (or started, or ended).
+        self.moved = time.monotonic()
 
     async def iterate(self) -> AsyncGenerator[bytes, None]:
         try:
             async for chunk in self.chunks:
+                self.moved = time.monotonic()
                 yield chunk
+            self.moved = time.monotonic()
         except BaseException as exc:
             self.error = exc
             raise
@@ -352,6 +369,8 @@ class RegistryStore:
         self._dead_mirrors: set[str] = set()
         #: (registry, digest) -> repositories of that registry known to hold the blob.
         self._blob_homes: dict[tuple[str, Digest], set[str]] = {}
+        #: (registry, digest) -> how many times its streamed upload broke in transit.
+        self._broken_uploads: dict[tuple[str, Digest], int] = {}
 
     # --- Store protocol ----------------------------------------------------------------------
 
@@ -660,14 +679,23 @@ class RegistryStore:
                                  descriptor: Descriptor, data: bytes,
                                  location: URL | None) -> None:
         what = f"upload of blob {descriptor.digest} to {repository}"
+        scopes = (_scope(repository, push=True),)
         if location is None:
             location = await self._start_upload(ep, repository, what)
-        async with await self._call(
-            ep, "PUT", _with_digest(location, descriptor.digest),
-            scopes=(_scope(repository, push=True),), what=what, data=data,
-            headers={"Content-Type": "application/octet-stream"}, digest=descriptor.digest,
-        ):
-            pass
+        try:
+            # Not retried in place: a registry keeps what a broken PUT delivered, and refuses
+            # the same session again (BLOB_UPLOAD_INVALID); `_upload_broke` starts a new one.
+            async with await self._call(
+                ep, "PUT", _with_digest(location, descriptor.digest), scopes=scopes, what=what,
+                data=data, headers={"Content-Type": "application/octet-stream"},
+                digest=descriptor.digest, retry=False, accept=_SEND_AGAIN,
+            ) as resp:
+                await _check_upload_answer(resp, ep, what, self.max_retry_after)
+        except Exception as exc:
+            if (reason := _broken_reason(exc)) is None:
+                raise
+            await self._cancel_upload(ep, location, scopes)
+            raise await self._upload_broke(ep, repository, descriptor, reason, exc) from exc
 
     async def _upload_streamed(self, ep: _Endpoint, repository: Repository,
                                descriptor: Descriptor, chunks: AsyncIterator[bytes],
@@ -679,23 +707,66 @@ class RegistryStore:
         body = _UploadBody(chunks)
         stream = body.iterate()
         try:
-            async with await self._call(
+            async with await self._watched(body, self._call(
                 ep, "PATCH", location, scopes=scopes, what=what, data=stream,
                 headers={"Content-Type": "application/octet-stream",
                          "Content-Length": str(descriptor.size)}, digest=descriptor.digest,
-            ) as resp:
+                accept=_SEND_AGAIN,
+            )) as resp:
+                await _check_upload_answer(resp, ep, what, self.max_retry_after)
                 location = _location(resp, location)
+            async with await self._call(ep, "PUT", _with_digest(location, descriptor.digest),
+                                        scopes=scopes, what=what,
+                                        headers={"Content-Length": "0"},
+                                        digest=descriptor.digest, accept=_SEND_AGAIN) as resp:
+                await _check_upload_answer(resp, ep, what, self.max_retry_after)
         except Exception as exc:
             await self._cancel_upload(ep, location, scopes)
             if body.error is not None and body.error is not exc:
                 raise body.error from None
-            raise
+            if (reason := _broken_reason(exc)) is None:
+                raise
+            raise await self._upload_broke(ep, repository, descriptor, reason, exc) from exc
         finally:
             await stream.aclose()
-        async with await self._call(ep, "PUT", _with_digest(location, descriptor.digest),
-                                    scopes=scopes, what=what, headers={"Content-Length": "0"},
-                                    digest=descriptor.digest):
-            pass
+
+    async def _watched(self, body: _UploadBody,
+                       request: Awaitable[aiohttp.ClientResponse]) -> aiohttp.ClientResponse:
+        """`request` with a streamed body, failed with `TimeoutError` once nothing moved for
+        `timeout` seconds: no body bytes taken while sending, no answer after the last one.
+
+        aiohttp's read timeout cannot serve here: it runs while the body is still being sent,
+        so it would cut any upload that takes longer than the timeout, however fast it moves.
+        """
+        task = asyncio.ensure_future(request)
+        try:
+            while True:
+                idle = time.monotonic() - body.moved
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, self.timeout - idle))
+                if done:
+                    return task.result()
+                if time.monotonic() - body.moved >= self.timeout:
+                    raise asyncio.TimeoutError(f"nothing moved for {self.timeout:g} s")
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _upload_broke(self, ep: _Endpoint, repository: Repository, descriptor: Descriptor,
+                            reason: str, exc: BaseException) -> RegistryError:
+        """`UploadInterrupted` (after a backoff, or the `Retry-After` asked) while the blob has
+        retries left, else the final error."""
+        key = (repository.registry, descriptor.digest)
+        count = self._broken_uploads[key] = self._broken_uploads.get(key, 0) + 1
+        message = (f"the upload of blob {descriptor.digest} to {repository} at {ep.name()} "
+                   f"broke: {reason}")
+        if count > self.retries:
+            return RegistryError(f"{message} (again, after {self.retries} retries)",
+                                 hint="check the network (and proxy) between here and the "
+                                 "registry; run the command again")
+        delay = exc.delay if isinstance(exc, _Broken) else None
+        await asyncio.sleep(self._backoff(count) if delay is None else delay)
+        return UploadInterrupted(message)
 
     async def _cancel_upload(self, ep: _Endpoint, location: URL,
                              scopes: tuple[str, ...]) -> None:
@@ -773,10 +844,14 @@ class RegistryStore:
         """Send, following redirects by hand: Authorization never leaves the registry's host."""
         session = self._http()
         current = dict(headers)
+        streamed = not (data is None or isinstance(data, bytes | bytearray))
+        # A streamed upload is watched by `_watched`: a read timeout would run while it is sent.
+        extra: dict[str, Any] = {"timeout": aiohttp.ClientTimeout(
+            total=None, sock_connect=self.timeout, sock_read=None)} if streamed else {}
         for _ in range(MAX_REDIRECTS + 1):
             resp = await session.request(method, url, headers=current, data=data,
                                          allow_redirects=False, ssl=self._ssl_for(url),
-                                         proxy=self._proxies.proxy_for(url))
+                                         proxy=self._proxies.proxy_for(url), **extra)
             if not follow_redirects or resp.status not in _REDIRECT_STATUSES:
                 return resp
             target = resp.headers.get("Location")
@@ -1214,6 +1289,28 @@ def _oci_detail(body: str) -> str:
                          else str(e.get("message") or e.get("code")) for e in errors)
     lines = body.strip().splitlines()
     return lines[0][:200] if lines else ""
+
+
+async def _check_upload_answer(resp: aiohttp.ClientResponse, ep: _Endpoint, what: str,
+                              max_retry_after: float) -> None:
+    """Raise `_Broken` for an answer in `_SEND_AGAIN` (a 404 only when the session is lost)."""
+    if resp.status in _RETRYABLE_STATUSES:
+        raise _Broken(f"HTTP {resp.status} {resp.reason or ''}".strip(),
+                      retry_after(resp.headers.get("Retry-After", ""), max_retry_after))
+    if resp.status == 404:
+        body = await _error_body(resp)
+        if _oci_codes(body) & _LOST_UPLOAD:
+            raise _Broken(f"the registry lost the upload session ({_oci_detail(body)})")
+        raise NotFound(f"{what} was not found in registry {ep.name()} ({_oci_detail(body)})",
+                       hint="check the repository name")
+
+
+def _broken_reason(exc: BaseException) -> str | None:
+    """Why an upload broke in transit (worth sending again), or None if it did not."""
+    if isinstance(exc, _Broken):
+        return str(exc)
+    cause = exc.__cause__ if isinstance(exc, GapkitError) else exc
+    return _describe(cause) if cause is not None and _is_transient(cause) else None
 
 
 async def _collect(chunks: AsyncIterator[bytes], descriptor: Descriptor, where: str) -> bytes:
