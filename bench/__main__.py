@@ -4,6 +4,7 @@
     python -m bench verify [--size-mb 1000] [--rounds 3] [--smoke]
     python -m bench bundle [--size-mb 1000] [--rounds 3] [--smoke]
     python -m bench registry [--size-mb 1000] [--rounds 3] [--blob-seconds 5] [--smoke]
+    python -m bench load   [--size-mb 100] [--rounds 3] [--load-seconds 5] [--load-clients 64]
     python -m bench smoke  (the smoke of copy, verify, bundle and registry on one workload, for CI)
 """
 
@@ -80,6 +81,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     registry.add_argument("--clients", type=int, default=32,
                           help="concurrent blob clients (default 32)")
     registry.add_argument("--no-prefault", action="store_true", help=PREFAULT_HELP)
+    load = commands.add_parser(
+        "load", help="gapkit registry serve under load against docker-registry",
+        description="Many concurrent clients (one process of their own) pull every image's "
+        "manifests, configs and small layers from gapkit registry serve and from "
+        "docker-registry holding the same images, for a fixed time each, taking turns: "
+        "requests/s and p50/p99 latency, and the ratios gapkit/peer. The registry "
+        "benchmark's `load` scenario alone, on a smaller workload.")
+    _common(load, "~20 MB, 1 round, 1 s runs: a check that runs in seconds")
+    load.set_defaults(size_mb=100)
+    for sub in (registry, load):
+        sub.add_argument("--load-seconds", type=float, default=5.0,
+                            help="seconds of each load run (default 5)")
+        sub.add_argument("--load-clients", type=int, default=64,
+                            help="concurrent clients of the load runs (default 64)")
     smoke = commands.add_parser(
         "smoke",
         help="the smoke runs of copy, verify, bundle and registry on one small workload (CI)",
@@ -131,7 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         from bench.registry_bench import main as registry_main
 
         return registry_main(RegistryOptions(
-            **_shared(args), blob_seconds=args.blob_seconds, clients=args.clients))
+            **_shared(args), blob_seconds=args.blob_seconds, clients=args.clients,
+            load_seconds=args.load_seconds, load_clients=args.load_clients))
+    if args.command == "load":
+        from bench.registry_bench import RegistryOptions
+        from bench.registry_bench import main as registry_main
+
+        return registry_main(RegistryOptions(
+            **_shared(args), load_seconds=args.load_seconds, load_clients=args.load_clients,
+            only=("load",)))
     return smoke(args.tmp, args.keep)
 
 

@@ -19,6 +19,10 @@ Scenarios, each several rounds, contenders taking turns (the starting one moves 
   workload's biggest layers again and again from the server for a fixed time; GB/s.
 - `push`: `gapkit registry push BUNDLE --to REG --plain-http` (and from the OCI layout) into a
   fresh, empty `docker-registry` against 12 x `skopeo copy --all oci:LAYOUT:NAME docker://REG/..`.
+- `load`: 64 concurrent clients in a process of their own (`tests/support/load.py`) GET every
+  image's manifests (by tag and by digest), configs and small layers from the server, again
+  and again for a fixed time, checking every body's digest; requests/s and p50/p99 latency.
+  `python -m bench load` runs only this one.
 
 The server's peak RSS is its `/proc/PID/status` VmHWM, reset (`clear_refs` 5) before each
 scenario. Every result is checked (image digests in containerd; every blob in the registry).
@@ -34,7 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,12 +71,18 @@ from bench.common import (
 )
 from bench.copy_bench import Bench, verify_registry
 from bench.workload import MB, ImageInfo, describe
+from gapkit.oci.model import MANIFEST_MEDIA_TYPES
 from tests.support.containerd import Containerd
 from tests.support.peers import free_port, stop_process_group, wait_for_port
 
 PULL_TARGET = 1.0
 PUSH_TARGET = 0.5
 CLIENTS = 32
+LOAD_CLIENTS = 64
+#: Layers up to this size are load targets (with every manifest and config): the load
+#: measures requests, the `blobs` scenarios measure bytes.
+LOAD_BLOB_MAX = 1024 * 1024
+SCENARIOS = ("pull", "fetch", "blobs", "blobs-curl", "push", "load")
 
 
 @dataclass
@@ -80,11 +90,17 @@ class RegistryOptions(BenchOptions):
     #: Seconds each 32-client blob run lasts.
     blob_seconds: float = 5.0
     clients: int = CLIENTS
+    #: Seconds each load run lasts, and its concurrent clients.
+    load_seconds: float = 5.0
+    load_clients: int = LOAD_CLIENTS
+    #: The scenarios to run (`python -m bench load`: only "load").
+    only: tuple[str, ...] = SCENARIOS
 
     def apply_smoke(self) -> None:
-        """`--smoke`: ~20 MB, 1 round, 1 s blob runs: a check that everything runs."""
+        """`--smoke`: ~20 MB, 1 round, 1 s blob and load runs: a check that everything runs."""
         super().apply_smoke()
         self.blob_seconds = min(self.blob_seconds, 1.0)
+        self.load_seconds = min(self.load_seconds, 1.0)
 
 
 
@@ -92,7 +108,12 @@ class RegistryOptions(BenchOptions):
 def main(options: RegistryOptions) -> int:
     if options.smoke:
         options.apply_smoke()
-    if not require_tools("skopeo", "docker-registry", "containerd", "ctr", "curl"):
+    tools = ["skopeo", "docker-registry"]
+    if set(options.only) & {"pull", "fetch"}:
+        tools += ["containerd", "ctr"]
+    if "blobs-curl" in options.only:
+        tools.append("curl")
+    if not require_tools(*tools):
         return 2
     with workload_setup(options.size_mb, tmp=options.tmp, keep=options.keep) as setup:
         return run(options, setup)
@@ -338,6 +359,58 @@ class RegistryBench:
                          f"{len(jobs) // len(targets)} times: {total / 1e9:.1f} GB) to "
                          "/dev/null; GB/s = bytes / wall time", server.key != "gapkit", run)
 
+    # load: many clients, many small requests
+
+    def load_targets(self) -> list[dict[str, str]]:
+        """Every image's top manifest by tag and each manifest by digest (`?ns=UPSTREAM`, as
+        containerd asks; docker-registry ignores it), every config and every layer up to
+        `LOAD_BLOB_MAX`, each with the digest its body must have."""
+        accept = ", ".join(sorted(MANIFEST_MEDIA_TYPES))
+        targets: list[dict[str, str]] = []
+        seen: set[str] = set()
+        for image in self.images:
+            upstream = image.name.split("/", 1)[0]
+            base = f"/v2/{image.repo}"
+            targets.append({"path": f"{base}/manifests/{image.tag}?ns={upstream}",
+                            "digest": image.digest, "accept": accept})
+            for digest in image.manifests:
+                targets.append({"path": f"{base}/manifests/{digest}?ns={upstream}",
+                                "digest": digest, "accept": accept})
+            for digest, size in image.layers_and_configs.items():
+                if size <= LOAD_BLOB_MAX and digest not in seen:
+                    seen.add(digest)
+                    targets.append({"path": f"{base}/blobs/{digest}?ns={upstream}",
+                                    "digest": digest})
+        return targets
+
+    def load_contender(self, server: Server) -> Contender:
+        targets = self.load_targets()
+        clients, seconds = self.options.load_clients, self.options.load_seconds
+        spec = json.dumps({"base": f"http://{server.host}", "clients": clients,
+                           "seconds": seconds, "targets": targets})
+
+        def run() -> Sample:
+            log_file = self.logs.next(f"load-{server.key}")
+            out = log_file.with_suffix(".json")
+            sample = run_commands([[sys.executable, "-m", "tests.support.load", spec]], log_file,
+                                  server=server, stdout=out,  # type: ignore[arg-type]
+                                  cwd=REPO_ROOT)
+            result = json.loads(out.read_text())
+            if result["errors"] or not result["requests"]:
+                raise BenchFailure(f"{server.label}: {result['errors']} failed of "
+                                   f"{result['requests']} requests: {result['error_samples'][:3]}")
+            for key in ("rps", "p50_ms", "p99_ms", "max_ms", "requests"):
+                sample.extra[key] = result[key]
+            return sample
+
+        manifests = sum("/manifests/" in t["path"] for t in targets)
+        return Contender(server.key, f"{clients} clients <- {server.label}",
+                         f"{clients} concurrent aiohttp clients (one process, keep-alive) GET "
+                         f"{len(targets)} targets in turn ({manifests} manifests by tag and "
+                         f"digest, {len(targets) - manifests} configs and layers <= "
+                         f"{LOAD_BLOB_MAX >> 20} MiB) for {seconds:g} s, every body's digest "
+                         "checked; requests/s and latency", server.key != "gapkit", run)
+
     # push
 
     def push_gapkit(self, source: Path, key: str, label: str) -> Contender:
@@ -406,7 +479,11 @@ def run(options: RegistryOptions, setup: Setup) -> int:
                       bench.push_gapkit(setup.workload.images[0].layout, "gapkit-layout",
                                         "gapkit registry push LAYOUT")],
                      PUSH_TARGET, rounds=options.rounds),
+            Scenario("load", f"{options.load_clients} clients pulling manifests and small "
+                     "blobs", 0, [bench.load_contender(gapkit), bench.load_contender(dist)],
+                     None, rounds=options.rounds),
         ]
+        scenarios = [s for s in scenarios if s.key in options.only]
         for scenario in scenarios:
             log(f"== {scenario.title}: {scenario.rounds} round(s)")
             for server in bench.servers:
@@ -426,7 +503,8 @@ def run(options: RegistryOptions, setup: Setup) -> int:
         "workload": describe(setup.workload),
         "options": {"size_mb": options.size_mb, "rounds": options.rounds,
                     "smoke": options.smoke, "blob_seconds": options.blob_seconds,
-                    "clients": options.clients},
+                    "clients": options.clients, "load_seconds": options.load_seconds,
+                    "load_clients": options.load_clients, "scenarios": list(options.only)},
         "bundle_mb": bench.bundle.stat().st_size / MB if bench.bundle.exists() else None,
         "peak_rss_from": rss_method(),
         "prefault_mb": bench.prefault_bytes / MB,
@@ -453,7 +531,49 @@ def _gb_s(sample: Sample) -> float | None:
     return sample.extra.get("gb_s")
 
 
+def _extra(key: str) -> Callable[[Sample], float | None]:
+    return lambda sample: sample.extra.get(key)
+
+
+def load_json(scenario: Scenario) -> dict[str, Any]:
+    """The load scenario: medians of requests/s and latencies; ratios gapkit/peer of each
+    (requests/s: higher is better; latency: lower is better)."""
+    peer = scenario.peer
+    rows = []
+    for c in scenario.contenders:
+        values = {key: c.median_of(_extra(key))
+                  for key in ("rps", "p50_ms", "p99_ms", "max_ms", "requests")}
+        ratios = {key: (ratio(values[key], peer.median_of(_extra(key)))
+                        if peer is not None and not c.is_peer else None)
+                  for key in ("rps", "p50_ms", "p99_ms")}
+        rows.append({"key": c.key, "what": c.label, "timed": c.timed, "is_peer": c.is_peer,
+                     **values, "ratios": ratios, "cpu_s": c.median("cpu_s"),
+                     "server_cpu_s": c.median("server_cpu_s"),
+                     "client_peak_rss_mb": c.peak_rss_mb(), "failure": c.failure,
+                     "samples": [vars(s) for s in c.samples]})
+    return {"key": scenario.key, "title": scenario.title, "target": None, "rows": rows}
+
+
+def render_load(scenario: dict[str, Any]) -> list[str]:
+    out = ["", f"### {scenario['title']} (no target; ratios gapkit/peer)", "",
+           "| what | requests/s | p50 ms | p99 ms | max ms | requests | client CPU-s "
+           "| server CPU-s | ratio req/s | ratio p50 | ratio p99 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in scenario["rows"]:
+        failed = f" FAILED: {row['failure'].splitlines()[0]}" if row["failure"] else ""
+        ratios = row["ratios"]
+        out.append(
+            f"| {row['what']}{failed} | {fmt(row['rps'], '.0f')} | {fmt(row['p50_ms'], '.1f')} "
+            f"| {fmt(row['p99_ms'], '.1f')} | {fmt(row['max_ms'], '.0f')} "
+            f"| {fmt(row['requests'], '.0f')} | {fmt(row['cpu_s'], '.1f')} "
+            f"| {fmt(row['server_cpu_s'], '.1f')} | {fmt(ratios['rps'])} "
+            f"| {fmt(ratios['p50_ms'])} | {fmt(ratios['p99_ms'])} |")
+    return out
+
+
 def scenario_json(scenario: Scenario) -> dict[str, Any]:
+    if scenario.key == "load":
+        return load_json(scenario)
     peer = scenario.peer
     rows = []
     for c in scenario.contenders:
@@ -493,6 +613,9 @@ def render(report: dict[str, Any]) -> str:
         "/proc/PID/stat, server peak RSS from /proc/PID/status VmHWM (reset per scenario).",
     ]
     for scenario in report["scenarios"]:
+        if scenario["key"] == "load":
+            out += render_load(scenario)
+            continue
         blobs = scenario["key"].startswith("blobs")
         sense = ">=" if blobs else "<="
         out += ["", f"### {scenario['title']} (target gapkit/peer {sense} "
