@@ -39,6 +39,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
@@ -107,6 +108,14 @@ class _Dropped(Exception):
     """The proxy dropped the connection on purpose."""
 
 
+class _Hold:
+    """What connections held by a `pause` wait for; `drop` says to close them then."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.drop = False
+
+
 class FaultProxy:
     """A recording, fault-injecting HTTP reverse proxy on 127.0.0.1 (see the module doc)."""
 
@@ -123,8 +132,9 @@ class FaultProxy:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._released: asyncio.Event | None = None
+        self._released: _Hold | None = None
         self._lock = threading.RLock()
+        self._active = 0
 
     @property
     def host(self) -> str:
@@ -148,17 +158,19 @@ class FaultProxy:
         return fault
 
     def clear(self) -> None:
-        """Forget the faults and counts (not the requests seen), and let held connections go."""
+        """Forget the faults and counts (not the requests seen), and drop the connections a
+        `pause` held: after a kill, what the dead client left in their buffers must not pass
+        (and be counted) later."""
         with self._lock:
             self.faults.clear()
             self.downloaded.clear()
             self.uploaded.clear()
-        self.release()
+        self.release(drop=True)
 
-    def release(self) -> None:
-        """Let connections held by a `pause` go on (from any thread)."""
+    def release(self, drop: bool = False) -> None:
+        """Let connections held by a `pause` go on, or with `drop`, close them (any thread)."""
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._release_now)
+            self._loop.call_soon_threadsafe(self._release_now, drop)
 
     def seen(self, method: str | None = None, path: str = "") -> list[Seen]:
         """Requests with this method (any if None) whose path matches the regex `path`."""
@@ -167,7 +179,7 @@ class FaultProxy:
 
     async def start(self) -> FaultProxy:
         self._loop = asyncio.get_running_loop()
-        self._released = asyncio.Event()
+        self._released = _Hold()
         self._session = aiohttp.ClientSession(auto_decompress=False)
         app = web.Application(client_max_size=1 << 40)
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -179,7 +191,7 @@ class FaultProxy:
         return self
 
     async def stop(self) -> None:
-        self._release_now()
+        self._release_now(drop=True)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -212,16 +224,19 @@ class FaultProxy:
                         fault.reached.set()
                 released = self._released
             assert released is not None
-            await released.wait()
+            await released.event.wait()
+            if released.drop:
+                raise _Dropped
 
-    def _release_now(self) -> None:
+    def _release_now(self, drop: bool) -> None:
         with self._lock:
             for fault in self.faults:
                 if fault.kind == "pause" and fault.reached.is_set():
                     fault.fired = fault.times
         if self._released is not None:
-            self._released.set()
-            self._released = asyncio.Event()
+            self._released.drop = drop
+            self._released.event.set()
+            self._released = _Hold()
 
     async def _pass(self, data: bytes, counter: Counter[str], path: str) -> AsyncIterator[bytes]:
         """`data` in the pieces a `pause` lets through, counted as they go."""
@@ -234,6 +249,16 @@ class FaultProxy:
 
     async def _upload(self, request: web.Request, path: str,
                       fault: Fault | None) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self._upload_pieces(request, path, fault):
+                yield piece
+        except _Dropped:
+            if request.transport is not None and not request.transport.is_closing():
+                request.transport.abort()
+            raise
+
+    async def _upload_pieces(self, request: web.Request, path: str,
+                             fault: Fault | None) -> AsyncIterator[bytes]:
         sent = 0
         async for chunk in request.content.iter_any():
             if fault is not None and fault.kind == "trickle":
@@ -259,7 +284,23 @@ class FaultProxy:
                 sent += len(piece)
                 yield piece
 
+    def wait_idle(self, timeout: float = 15.0) -> None:
+        """Block (a test's thread) until no request is being handled, so that what the registry
+        behind holds no longer changes."""
+        deadline = time.monotonic() + timeout
+        while self._active:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the proxy still handles {self._active} request(s)")
+            time.sleep(0.02)
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self._active += 1
+        try:
+            return await self._forward(request)
+        finally:
+            self._active -= 1
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
         path = request.rel_url.raw_path
         if self.prefix:
             if not path.startswith(self.prefix + "/"):
@@ -291,7 +332,8 @@ class FaultProxy:
         except _Dropped:
             return web.Response(status=499)
         except aiohttp.ClientError:
-            if upload_fault is not None:  # the upload was cut on purpose
+            if upload_fault is not None or request.transport is None \
+                    or request.transport.is_closing():  # the upload was cut on purpose
                 return web.Response(status=499)
             raise
 
@@ -300,6 +342,16 @@ class FaultProxy:
         response = web.StreamResponse(status=upstream.status, headers={
             k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP})
         await response.prepare(request)
+        try:
+            return await self._respond_body(request, path, upstream, fault, response)
+        except _Dropped:
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+
+    async def _respond_body(self, request: web.Request, path: str,
+                            upstream: aiohttp.ClientResponse, fault: Fault | None,
+                            response: web.StreamResponse) -> web.StreamResponse:
         sent = 0
         async for chunk in upstream.content.iter_chunked(64 * 1024):
             if fault is not None and fault.kind == "trickle":
