@@ -39,7 +39,7 @@ FOREVER = 50
 
 @dataclass(frozen=True)
 class Case:
-    """A fault on the big layer's download (or the small one's for `trickle`)."""
+    """A fault on the big layer's download (the small one's for `trickle`, or a manifest's)."""
 
     fault: Fault
     #: The proxy sends the layer exactly once in all: the retry resumed with Range.
@@ -63,6 +63,9 @@ def download_cases(big: str, small: str) -> dict[str, Case]:
         "503-retry-after": Case(Fault("status", path=big, status=503, headers=retry_after,
                                       times=2)),
         "503": Case(Fault("status", path=big, status=503, times=2)),
+        # A manifest's body breaks after its headers, beyond the request's own retries.
+        "reset-manifest": Case(Fault("reset", path="/manifests/", after=100)),
+        "truncate-manifest": Case(Fault("truncate", path="/manifests/", after=100)),
     }
 
 
@@ -135,7 +138,8 @@ def test_copy_fails_cleanly_once_retries_are_spent(
     out = copy_through(proxy, f"{kind}:{target}", check=False)
     assert out.returncode == 1, out.stderr
     assert_no_traceback(out.stderr)
-    assert proxy.host in out.stderr and source.big.blob.digest in out.stderr, out.stderr
+    named = f"{REPOSITORY}:{TAG}" if "manifest" in name else source.big.blob.digest
+    assert proxy.host in out.stderr and named in out.stderr, out.stderr
     assert fault.fired == int(RETRIES) + 1, f"{fault.fired} tries, not 1 + {RETRIES} retries"
     assert dot_files(target.parent) == []
     if kind == "oci-archive":

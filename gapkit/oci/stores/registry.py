@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import ipaddress
 import json
 import os
@@ -497,11 +498,11 @@ class RegistryStore:
     async def _get_manifest(self, ep: _Endpoint, ref: Reference) -> Manifest:
         what = f"manifest {ref}"
         url = ep.url(f"{ref.path}/manifests/{ref.identifier}")
-        async with await self._call(ep, "GET", url, scopes=(_scope(ref.repository),), what=what,
-                                    headers={"Accept": MANIFEST_ACCEPT}) as resp:
-            raw = await _read_capped(resp, MAX_MANIFEST_SIZE, what)
-            content_type = resp.headers.get("Content-Type")
-            header_digest = resp.headers.get("Docker-Content-Digest")
+        raw, resp = await self._read_whole(ep, url, what, lambda: self._call(
+            ep, "GET", url, scopes=(_scope(ref.repository),), what=what,
+            headers={"Accept": MANIFEST_ACCEPT}))
+        content_type = resp.headers.get("Content-Type")
+        header_digest = resp.headers.get("Docker-Content-Digest")
         manifest = Manifest.parse(raw, content_type, where=f"{what} from {ep.name()}",
                                   expected=ref.digest)
         if (ref.digest is None and header_digest and header_digest.startswith("sha256:")
@@ -512,6 +513,26 @@ class RegistryStore:
                 hint="the registry or a proxy in between altered the manifest",
             )
         return manifest
+
+    async def _read_whole(self, ep: _Endpoint, url: URL, what: str,
+                          request: Callable[[], Awaitable[aiohttp.ClientResponse]],
+                          ) -> tuple[bytes, aiohttp.ClientResponse]:
+        """The body (at most `MAX_MANIFEST_SIZE`) of a small answer and its (released)
+        response, asked for again when the body breaks: `_send` retries only up to the headers.
+        """
+        attempt = 0
+        while True:
+            resp = await request()
+            try:
+                async with resp:
+                    return await _read_capped(resp, MAX_MANIFEST_SIZE, what), resp
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                if attempt >= self.retries:
+                    raise self._transport_error(exc, ep, url, what) from exc
+                attempt += 1
+                await asyncio.sleep(self._backoff(attempt))
 
     async def _head_manifest(self, ep: _Endpoint, ref: Reference) -> Descriptor | None:
         what = f"manifest {ref}"
@@ -555,10 +576,9 @@ class RegistryStore:
         seen: set[str] = set()
         while url is not None and str(url) not in seen:
             seen.add(str(url))
-            async with await self._call(ep, "GET", url, scopes=(_scope(repository),),
-                                        what=what) as resp:
-                body = await _read_capped(resp, MAX_MANIFEST_SIZE, what)
-                next_link = _next_link(resp)
+            body, resp = await self._read_whole(ep, url, what, functools.partial(
+                self._call, ep, "GET", url, scopes=(_scope(repository),), what=what))
+            next_link = _next_link(resp)
             try:
                 doc = json.loads(body)
                 page = doc.get("tags") or []
