@@ -48,6 +48,7 @@ from typing import Literal
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from tests.support.peers import free_port
@@ -314,11 +315,13 @@ class FaultProxy:
             return web.Response(status=fault.status, headers=dict(fault.headers),
                                 text='{"errors":[{"code":"UNAVAILABLE","message":"injected"}]}',
                                 content_type="application/json")
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        # Every value of a repeated header (skopeo sends one Accept per media type).
+        headers = CIMultiDict((k, v) for k, v in request.headers.items()
+                              if k.lower() not in _HOP_BY_HOP)
         if fault is not None and fault.kind == "paginate":
             return await self._paginate(request, path, headers)
         if fault is not None and fault.kind == "ignore_range":
-            headers.pop("Range", None)
+            headers.popall("Range", None)
         target = URL(self.upstream + path + (f"?{request.query_string}"
                                              if request.query_string else ""), encoded=True)
         assert self._session is not None
@@ -385,7 +388,7 @@ class FaultProxy:
         return response
 
     async def _paginate(self, request: web.Request, path: str,
-                        headers: dict[str, str]) -> web.Response:
+                        headers: CIMultiDict[str]) -> web.Response:
         assert self._session is not None
         async with self._session.get(URL(self.upstream + path, encoded=True),
                                      headers=headers) as upstream:
