@@ -10,6 +10,7 @@ names the registry or image, no traceback, and leaves no archive, bundle, tag or
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -266,3 +267,40 @@ def test_registry_push_fails_cleanly_once_retries_are_spent(
     assert tries <= fault.fired <= 2 * tries, f"{fault.fired} tries, not 1 + {RETRIES} retries"
     status, _, _ = registry.request(f"/v2/{REPOSITORY}/manifests/{TAG}", method="HEAD")
     assert status == 404
+
+
+# --- a token server's answer breaks --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["reset", "truncate"])
+async def test_a_broken_token_answer_is_asked_for_again(kind: str, source: Source,
+                                                        tmp_path: Path) -> None:
+    """The registry's token realm is a `FaultProxy` in front of a real token server: the
+    token's body breaks after its headers, once."""
+    from gapkit.oci.reference import Reference
+    from gapkit.oci.stores.registry import HostOptions, ProxyConfig, RegistryStore
+    from tests.support.tokens import TokenRegistry, TokenServer
+
+    server = await TokenServer(tmp_path / "tokens", {"gapkit": "s3cret"},
+                               anonymous_pull=True).start()
+    proxy = await FaultProxy(f"http://127.0.0.1:{server.port}").start()
+    realm = TokenServer(tmp_path / "realm", {})
+    realm.port, realm.cert_file = proxy.port, server.cert_file
+    registry = TokenRegistry(tmp_path / "registry", users={"gapkit": "s3cret"},
+                             token_server=realm)
+    try:
+        await asyncio.to_thread(registry.start)
+        await asyncio.to_thread(registry.push_layout, source.layout, "app", f"{REPOSITORY}:{TAG}")
+        fault = proxy.add(Fault(kind, path="^/token$", after=20))
+        store = RegistryStore(hosts={registry.host: HostOptions(plain_http=True)}, retries=2,
+                              timeout=2, backoff=0.05, proxies=ProxyConfig())
+        try:
+            ref = Reference.parse(f"{registry.host}/{REPOSITORY}:{TAG}")
+            assert str((await store.get_manifest(ref)).digest) == source.digest
+        finally:
+            await store.close()
+        assert fault.fired == 1
+    finally:
+        registry.stop()
+        await proxy.stop()
+        await server.stop()

@@ -516,16 +516,15 @@ class RegistryStore:
 
     async def _read_whole(self, ep: _Endpoint, url: URL, what: str,
                           request: Callable[[], Awaitable[aiohttp.ClientResponse]],
-                          ) -> tuple[bytes, aiohttp.ClientResponse]:
-        """The body (at most `MAX_MANIFEST_SIZE`) of a small answer and its (released)
-        response, asked for again when the body breaks: `_send` retries only up to the headers.
-        """
+                          cap: int = MAX_MANIFEST_SIZE) -> tuple[bytes, aiohttp.ClientResponse]:
+        """The body (at most `cap` bytes) of a small answer and its (released) response, asked
+        for again when the body breaks: `_send` retries only up to the headers."""
         attempt = 0
         while True:
             resp = await request()
             try:
                 async with resp:
-                    return await _read_capped(resp, MAX_MANIFEST_SIZE, what), resp
+                    return await _read_capped(resp, cap, what), resp
             except Exception as exc:
                 if not _is_transient(exc):
                     raise
@@ -1036,24 +1035,30 @@ class RegistryStore:
             if creds is not None:
                 headers["Authorization"] = creds.basic()
         what = f"a token for {' '.join(scopes) or 'the registry'}"
-        try:
-            resp = await self._send(method, url, headers=headers, data=data)
-        except Exception as exc:
-            raise self._transport_error(exc, ep, url, what) from exc
-        async with resp:
+
+        async def ask() -> aiohttp.ClientResponse:
+            try:
+                resp = await self._send(method, url, headers=headers, data=data)
+            except Exception as exc:
+                raise self._transport_error(exc, ep, url, what) from exc
             if resp.status in (401, 403):
+                resp.release()
                 raise await self._auth_error(ep, what, f"the token server {url.origin()}")
             if resp.status >= 400:
                 body = await _error_body(resp)
+                resp.release()
                 raise RegistryError(
                     f"the token server {url.origin()} of {ep.name()} answered HTTP "
                     f"{resp.status} for {what}: {_oci_detail(body) or resp.reason}")
-            try:
-                doc = json.loads(await _read_capped(resp, MAX_ERROR_BODY, what))
-                value = doc.get("token") or doc.get("access_token")
-                lifetime = float(doc.get("expires_in") or 60)
-            except (ValueError, AttributeError, TypeError):
-                value, lifetime = None, 0.0
+            return resp
+
+        raw, _ = await self._read_whole(ep, url, what, ask, MAX_ERROR_BODY)
+        try:
+            doc = json.loads(raw)
+            value = doc.get("token") or doc.get("access_token")
+            lifetime = float(doc.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            value, lifetime = None, 0.0
         if not isinstance(value, str) or not value:
             raise AuthError(f"the token server {url.origin()} of {ep.name()} sent no token "
                             f"for {what}")
