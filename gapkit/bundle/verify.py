@@ -103,7 +103,7 @@ async def verify_bundle(path: Path, jobs: int | None = None) -> VerifyReport:
     try:
         store = await ArchiveStore.open(path)
     except GapkitError as exc:
-        report.problems.append(Problem(str(path), exc.message.removeprefix(f"{path} ").strip(": ")))
+        report.problems.append(Problem(str(path), exc.message.removeprefix(str(path)).lstrip(": ")))
         report.seconds = time.monotonic() - started
         return report
     try:

@@ -131,6 +131,8 @@ class _Resolved:
     children: list[Manifest]
     #: Whether `children` is every manifest the index lists.
     complete: bool
+    #: The platforms of the index entries copied, each once.
+    platforms: list[Platform] = field(default_factory=list)
 
 
 class _Copier:
@@ -146,6 +148,8 @@ class _Copier:
         self.report = CopyReport()
         self._blob_tasks: dict[tuple[Repository, Digest], asyncio.Task[None]] = {}
         self._digest_locks: dict[Digest, asyncio.Lock] = {}
+        #: Indexes resolved, by repository and digest: many tags of one index resolve it once.
+        self._resolved: dict[tuple[Repository, Digest], asyncio.Future[_Resolved]] = {}
 
     async def copy_image(self, request: CopyRequest) -> None:
         resolved = await self.resolve(request.source)
@@ -157,10 +161,8 @@ class _Copier:
             if child is not resolved.top:
                 await self.destination.put_manifest(untagged.with_digest(child.digest), child)
         top, note = await self.put_top(request.destination, resolved)
-        platforms = [d.platform for d in resolved.top.manifests
-                     if d.platform and d.digest in {c.digest for c in resolved.children}]
         self.report.images.append(CopiedImage(request.source, request.destination, top.digest,
-                                              top.media_type, platforms, note,
+                                              top.media_type, resolved.platforms, note,
                                               tuple(blobs.values())))
         self.on_event(ImageCopied(request.source, request.destination, top.digest, note))
 
@@ -197,6 +199,12 @@ class _Copier:
         top = await self.source.get_manifest(ref)
         if not top.is_index:
             return _Resolved(top, [top], True)
+        key = (ref.repository, top.digest)
+        if key not in self._resolved:
+            self._resolved[key] = asyncio.ensure_future(self._resolve_index(ref, top))
+        return await asyncio.shield(self._resolved[key])
+
+    async def _resolve_index(self, ref: Reference, top: Manifest) -> _Resolved:
         children: list[Manifest] = []
         complete = await self._collect(ref, top, children, 1, {top.digest})
         if not any(not c.is_index for c in children):
@@ -206,7 +214,10 @@ class _Copier:
                 f"{ref} has no manifest for {wanted} (it has {available or 'no platforms'})",
                 hint="choose one of its platforms with --platform, or copy all with --all-platforms",
             )
-        return _Resolved(top, children, complete)
+        copied = {c.digest for c in children}
+        platforms = dict.fromkeys(d.platform for d in top.manifests
+                                  if d.platform and d.digest in copied)
+        return _Resolved(top, children, complete, list(platforms))
 
     async def _collect(self, ref: Reference, index: Manifest, out: list[Manifest],
                        depth: int, seen: set[Digest]) -> bool:

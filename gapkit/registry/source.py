@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gapkit.bundle.sources import open_image_source
-from gapkit.errors import GapkitError, NotFound, StoreError, UsageError
+from gapkit.errors import GapkitError, ManifestError, NotFound, StoreError, UsageError
 from gapkit.oci.model import Descriptor, Digest, Manifest
 from gapkit.oci.reference import DOCKER_HUB, Reference, Repository
 from gapkit.oci.stores.archive import ArchiveStore
@@ -133,8 +133,17 @@ async def _add_image(source: Source, ref: Reference) -> None:
     content = source.repositories.get(ref.repository)
     if content is None:
         content = source.repositories[ref.repository] = RepositoryContent(ref.repository)
+    if top.digest not in content.manifests:  # else another tag of it reached all it needs
+        reached = set(content.manifests)
+        try:
+            await _reach(source, content, top, ref.repository, 0)
+        except ManifestError as exc:
+            source.problems.append(f"{name}: {exc.message}; not served")
+            content.manifests = reached  # what this image half reached is not a reached image
+            if not content.tags:
+                del source.repositories[ref.repository]
+            return
     content.tags[ref.tag] = top.digest
-    await _reach(source, content, top, ref.repository, 0)
 
 
 async def _reach(source: Source, content: RepositoryContent, manifest: Manifest,
@@ -142,8 +151,10 @@ async def _reach(source: Source, content: RepositoryContent, manifest: Manifest,
     source.manifests.setdefault(manifest.digest, manifest)
     content.manifests.add(manifest.digest)
     _add_blobs(source, content, manifest.blobs)
-    if not manifest.is_index or depth >= MAX_DEPTH:
+    if not manifest.is_index:
         return
+    if depth >= MAX_DEPTH:
+        raise ManifestError(f"its indexes nest more than {MAX_DEPTH} deep")
     for child in manifest.manifests:
         if child.digest in content.manifests:
             continue

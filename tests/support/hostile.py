@@ -212,6 +212,8 @@ class Hostile:
     bundle_only: bool = False
     #: The images themselves are bad: export and copy must refuse.
     images_bad: bool = True
+    #: A manifest is bad: serve reads every manifest at start, so it must name the culprit then.
+    bad_manifest: bool = False
 
 
 def sha3_b64(data: bytes) -> str:

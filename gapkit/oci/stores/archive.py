@@ -41,6 +41,7 @@ import re
 import secrets
 import tarfile
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,9 @@ MAX_HEADER_DATA = 1024 * 1024
 MAX_LINK_HOPS = 8
 #: Nested indexes followed from `index.json` to find names.
 MAX_INDEX_DEPTH = 4
+#: Parsed manifests kept (by their size): names sharing a manifest parse it once, so an archive
+#: naming one big index thousands of times costs no more than naming it once.
+MANIFEST_CACHE_BYTES = 16 * 1024 * 1024
 
 OCI_LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
 OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
@@ -388,6 +392,9 @@ class ArchiveStore:
         self._docker_done = False
         self._member_digests: dict[int, Digest] = {}
         self._synth_lock = asyncio.Lock()
+        self._parsed: OrderedDict[tuple[Digest, str | None], tuple[asyncio.Future[Manifest], int]]
+        self._parsed = OrderedDict()
+        self._parsed_bytes = 0
         self._writer: _Writer | None = None
         self._closed = False
 
@@ -664,6 +671,24 @@ class ArchiveStore:
 
     async def _read_manifest(self, member: _Member, digest: Digest,
                              media_type: str | None) -> Manifest:
+        """The manifest in `member`, parsed once while it stays in the cache (concurrent
+        readers share one parse; an error is the same error for each of them)."""
+        key = (digest, media_type or None)
+        cached = self._parsed.get(key)
+        if cached is not None:
+            self._parsed.move_to_end(key)
+            return await asyncio.shield(cached[0])
+        parsing = asyncio.ensure_future(self._parse_manifest(member, digest, media_type))
+        size = min(member.size, MAX_MANIFEST_SIZE)
+        self._parsed[key] = (parsing, size)
+        self._parsed_bytes += size
+        while self._parsed_bytes > MANIFEST_CACHE_BYTES and len(self._parsed) > 1:
+            _, (_, dropped) = self._parsed.popitem(last=False)
+            self._parsed_bytes -= dropped
+        return await asyncio.shield(parsing)
+
+    async def _parse_manifest(self, member: _Member, digest: Digest,
+                              media_type: str | None) -> Manifest:
         where = f"{self.path}: member {member.name}"
         if member.size > MAX_MANIFEST_SIZE:
             raise ManifestError(f"{where} is {member.size} bytes: it is not a manifest")
