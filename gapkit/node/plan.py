@@ -7,7 +7,10 @@ atomically (temp file, fsync, rename) after its previous content is backed up, a
 marked `only_if_changed` run only when a file really changed (or, with `when_changed`, only
 when one of the named files changed), so applying a plan twice changes nothing the second time
 and says so. If a write fails, the files already written are put back as they were (and their
-backups removed), so a failed apply leaves every file as it found it.
+backups removed, and the folders made for them), so a failed apply leaves every file as it
+found it. A killed apply cannot put anything back: the files before the kill are new, each with
+its backup, the rest are old, and running the command again finishes the job (removing the temp
+file a kill in the middle of a write leaves).
 
 Runners: `LocalRunner` here (with `root`, every path is under that folder: for tests and for
 preparing an image); the SSH runner lives in `gapkit.cluster`.
@@ -21,15 +24,18 @@ import datetime
 import difflib
 import errno
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from gapkit.errors import NodeError
-from gapkit.oci.fsutil import atomic_write
+from gapkit.oci.fsutil import atomic_write, pid_alive
 
 BACKUP_SUFFIX = ".gapkit-backup-"
+#: `atomic_write`'s temp files: `.NAME.tmp-PID-HEX`.
+_TEMP_NAME = re.compile(r"\..+\.tmp-(\d+)-[0-9a-f]{8}")
 
 
 @dataclass(frozen=True)
@@ -265,6 +271,15 @@ async def apply(plan: Plan, runner: Runner) -> ApplyReport:
     return report
 
 
+def _sweep_temps(folder: Path) -> None:
+    """Remove the temp files a killed writer left in `folder` (`atomic_write`'s, by a dead PID)."""
+    for name in os.listdir(folder):
+        match = _TEMP_NAME.fullmatch(name)
+        if match is not None and not pid_alive(int(match[1])):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
+
+
 def _write_hint(code: int | None, path: PurePosixPath) -> str:
     if code in (errno.ENOSPC, errno.EDQUOT):
         return (f"free space on the filesystem that holds {path.parent} (see `df -h`), then run "
@@ -309,6 +324,7 @@ class LocalRunner:
             for folder in reversed(missing):
                 folder.mkdir(exist_ok=True)
                 self.made.append(folder)
+            _sweep_temps(target.parent)
             atomic_write(target, content, mode)
         except OSError as exc:
             raise NodeError(f"{self.name}: cannot write {shown}: {exc.strerror}",

@@ -296,3 +296,61 @@ def test_killed_between_files_the_earlier_files_are_new_with_backups_and_a_rerun
     again = configure(root, *many_files(ca))
     assert again.returncode == 0 and "nothing to change" in again.stdout
     assert state(root) == done and microk8s.restarts() == 1
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_killed_while_writing_a_backup_the_rerun_sweeps_the_temp_file_and_converges(
+        tmp_path: Path, microk8s: StandInMicroK8s, ca: Path) -> None:
+    """gapkit stopped at containerd-env as above, then `strace` attached to it kills it at its
+    next fsync: the temp file of containerd-env's backup is fully written but never renamed
+    (what a power cut or an OOM kill there leaves). The six earlier files are new with their
+    backups, containerd-env is old and has no backup yet; the rerun removes the dead process's
+    temp file and converges."""
+    root = tmp_path / "node"
+    populate(root, quay=True)
+    fifo = root / ENV
+    old = fifo.read_bytes()
+    fifo.unlink()
+    os.mkfifo(fifo)
+    argv = [sys.executable, "-m", "gapkit", "node", "configure", "--root", str(root),
+            *many_files(ca)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tracer: subprocess.Popen[str] | None = None
+    try:
+        deadline = time.monotonic() + 30
+        fd = open_when_read(fifo, process, deadline)
+        os.write(fd, old)
+        wait_open(fifo, process, deadline, want=True)
+        os.close(fd)
+        wait_open(fifo, process, deadline, want=False)
+        fd = open_when_read(fifo, process, deadline)  # apply's check: gapkit waits for the bytes
+        tracer = subprocess.Popen(
+            ["strace", "-f", "-p", str(process.pid), "-o", "/dev/null", "-e", "trace=fsync",
+             "-e", "inject=fsync:signal=SIGKILL:when=1"], stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None
+        attached = tracer.stderr.readline()  # "Process N attached [with T threads]": all of them
+        assert "attached" in attached, attached + tracer.stderr.read()
+        os.write(fd, old)
+        os.close(fd)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        for started in (process, tracer):
+            if started is not None and started.poll() is None:
+                started.kill()
+            if started is not None:
+                started.communicate()
+    fifo.unlink()
+    fifo.write_bytes(old)
+
+    [temp] = temp_files(root)
+    assert temp.name.startswith(".containerd-env.gapkit-backup-") and temp.read_bytes() == old
+    assert not list(fifo.parent.glob("containerd-env.gapkit-backup-*"))
+    for path in ORDER[:-1]:
+        assert (root / path).is_file(), path
+    assert microk8s.restarts() == 0
+
+    assert configure(root, *many_files(ca)).returncode == 0
+    assert temp_files(root) == []
+    assert [b.read_bytes() for b in fifo.parent.glob("containerd-env.gapkit-backup-*")] == [old]
+    assert microk8s.restarts() == 1
+    assert "nothing to change" in configure(root, *many_files(ca)).stdout
