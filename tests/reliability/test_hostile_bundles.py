@@ -57,6 +57,8 @@ MAX_SECONDS = 20
 BIG = 100 * MB
 FAN_OUT = 2000
 MANY_NAMES = 6_000
+#: Names kept in memory would pass MAX_RSS_MB.
+LONG_NAMES = 120
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +116,12 @@ def too_many_members(b: Bundle, path: Path) -> Hostile:
     headers = many_headers("gapkit/m/", MAX_MEMBERS + 1)
     return Hostile(b.write(path, before=[headers]), (f"more than {MAX_MEMBERS} members",),
                    at_open=True)
+
+
+def members_with_1_mb_names(b: Bundle, path: Path) -> Hostile:
+    stem = "gapkit/" + "n" * (MB - 100)
+    b.extra = [member(f"{stem}{i}", b"") for i in range(LONG_NAMES)]
+    return Hostile(b.write(path), ("gapkit/nnnn",), at_open=True)
 
 
 def blob_with_other_content(b: Bundle, path: Path) -> Hostile:
@@ -281,6 +289,7 @@ HOSTILE: dict[str, Callable[[Bundle, Path], Hostile]] = {
     "member larger than the file": size_beyond_file,
     "pax header of 8 EB": pax_header_8_eb,
     "one member more than MAX_MEMBERS": too_many_members,
+    "members with names of 1 MiB": members_with_1_mb_names,
     "blob whose content has another digest": blob_with_other_content,
     "manifest's blob stored under another digest": manifest_blob_under_other_digest,
     "index that lists itself": index_lists_itself,

@@ -90,6 +90,8 @@ MAX_METADATA_SIZE = 16 * 1024 * 1024
 MAX_HEADER_DATA = 1024 * 1024
 #: Links followed in a row before an archive is called hostile.
 MAX_LINK_HOPS = 8
+#: Member and link names (PATH_MAX): every name is kept while the archive is open.
+MAX_NAME_LENGTH = 4096
 #: Nested indexes followed from `index.json` to find names.
 MAX_INDEX_DEPTH = 4
 #: Parsed manifests kept (by their size): names sharing a manifest parse it once, so an archive
@@ -258,6 +260,12 @@ def _walk(path: Path) -> _TarIndex:
                         f"{path} is truncated: member {info.name!r} declares {info.size} bytes "
                         f"but the file ends {file_size - info.offset_data} bytes into it",
                         hint=_DAMAGED)
+                if max(len(info.name), len(info.linkname)) > MAX_NAME_LENGTH:
+                    long = max(info.name, info.linkname, key=len)
+                    raise StoreError(
+                        f"{path}: member {info.name[:64]!r}... at byte {info.offset} has a name "
+                        f"of {len(long)} characters, more than the {MAX_NAME_LENGTH} any real "
+                        "archive uses; refusing it", hint="the archive is hostile or broken")
                 last = info.name
                 name = _normalise(info.name)
                 if name is None:
