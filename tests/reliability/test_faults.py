@@ -54,8 +54,8 @@ def download_cases(big: str, small: str) -> dict[str, Case]:
     return {
         "reset": Case(Fault("reset", path=big, after=700_000), resumes=True),
         "stall": Case(Fault("stall", path=big, after=500_000, seconds=4), resumes=True),
-        "trickle": Case(Fault("trickle", path=small, piece=16_384, seconds=0.15),
-                        exhausts=False),
+        "trickle": Case(Fault("trickle", path=small, piece=16_384, seconds=0.15,
+                              times=FOREVER), exhausts=False),
         "truncate": Case(Fault("truncate", path=big, after=900_000), resumes=True),
         "429-retry-after": Case(Fault("status", path=big, status=429, headers=retry_after,
                                       times=2)),
@@ -78,6 +78,12 @@ COPY_CASES = [(name, KINDS[i % 2]) for i, name in enumerate(CASES)]
 COPY_FAILURES = [(name, KINDS[(i + 1) % 2]) for i, name in enumerate(EXHAUSTING)]
 
 
+def expected_fires(fault: Fault) -> int:
+    """Every fault fires as often as asked, but a trickle (asked for every try) only once: a
+    slow transfer that keeps moving must not time out and be tried again."""
+    return 1 if fault.kind == "trickle" else fault.times
+
+
 def blob_path(digest: str) -> str:
     return f"/v2/{REPOSITORY}/blobs/{digest}"
 
@@ -94,7 +100,7 @@ def arm(proxy: FaultProxy, source: Source, name: str, forever: bool = False) -> 
 
 def check_fired(proxy: FaultProxy, source: Source, name: str, fault: Fault) -> None:
     """The fault really happened, and a resumable one was resumed, not fetched again whole."""
-    assert fault.fired == fault.times, f"{name} fired {fault.fired} of {fault.times} times"
+    assert fault.fired == expected_fires(fault), f"{name} fired {fault.fired} times"
     case = download_cases("", "")[name]
     if case.resumes:
         big = blob_path(source.big.blob.digest)
@@ -207,8 +213,10 @@ def push_cases() -> dict[str, Fault]:
         "reset-streamed": Fault("reset", method="PATCH", path=UPLOADS, after=700_000),
         "reset-monolithic": Fault("reset", method="PUT", path=UPLOADS, after=100_000),
         "stall-streamed": Fault("stall", method="PATCH", path=UPLOADS, after=500_000, seconds=4),
-        "trickle-streamed": Fault("trickle", method="PATCH", path=UPLOADS, piece=262_144,
-                                  seconds=0.4),
+        "trickle-streamed": Fault("trickle", method="PATCH", path=UPLOADS, piece=65_536,
+                                  seconds=0.1, times=FOREVER),
+        "trickle-monolithic": Fault("trickle", method="PUT", path=UPLOADS, after=100_000,
+                                    piece=16_384, seconds=0.1, times=FOREVER),
         "truncate-streamed": Fault("truncate", method="PATCH", path=UPLOADS, after=900_000),
         "503-streamed": Fault("status", method="PATCH", path=UPLOADS, status=503, times=2),
         "429-retry-after-start": Fault("status", method="POST", path=UPLOADS + "$", status=429,
@@ -245,7 +253,7 @@ def test_registry_push_completes_through_a_fault(
     proxy = proxy_for(registry)
     fault = proxy.add(push_cases()[name])
     report = json.loads(push_through(proxy, bundle).stdout)
-    assert fault.fired == fault.times, f"{name} fired {fault.fired} of {fault.times} times"
+    assert fault.fired == expected_fires(fault), f"{name} fired {fault.fired} times"
     assert report["images"][0]["digest"] == source.digest
     pushed = f"docker://{registry.host}/{REPOSITORY}:{TAG}"
     assert skopeo_reads(pushed, tmp_path / "read", "--src-tls-verify=false") == source.digest

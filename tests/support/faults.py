@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -50,8 +51,6 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
-
-from tests.support.peers import free_port
 
 FaultKind = Literal["reset", "status", "stall", "corrupt", "ignore_range", "paginate",
                     "trickle", "truncate", "pause"]
@@ -185,10 +184,15 @@ class FaultProxy:
         app = web.Application(client_max_size=1 << 40)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                                     shutdown_timeout=0.5)
+                                     shutdown_timeout=0.5, read_bufsize=16 * 1024)
         await self._runner.setup()
-        self.port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        # Small buffers (kernel and aiohttp): what a client uploads faster than the proxy passes
+        # it on waits in the client's own send queue, as on a slow link, not in the proxy.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        sock.bind(("127.0.0.1", 0))
+        self.port = int(sock.getsockname()[1])
+        await web.SockSite(self._runner, sock).start()
         return self
 
     async def stop(self) -> None:
@@ -260,15 +264,15 @@ class FaultProxy:
 
     async def _upload_pieces(self, request: web.Request, path: str,
                              fault: Fault | None) -> AsyncIterator[bytes]:
+        if fault is not None and fault.kind == "trickle":
+            # Read no faster than the trickle, so the rest waits in the client's send queue.
+            while data := await request.content.read(fault.piece):
+                async for piece in self._pass(data, self.uploaded, path):
+                    yield piece
+                await asyncio.sleep(fault.seconds)
+            return
         sent = 0
         async for chunk in request.content.iter_any():
-            if fault is not None and fault.kind == "trickle":
-                for start in range(0, len(chunk), fault.piece):
-                    async for piece in self._pass(chunk[start:start + fault.piece],
-                                                  self.uploaded, path):
-                        yield piece
-                    await asyncio.sleep(fault.seconds)
-                continue
             if fault is not None and fault.kind in ("reset", "stall", "truncate") \
                     and sent + len(chunk) > fault.after:
                 async for piece in self._pass(chunk[:fault.after - sent], self.uploaded, path):

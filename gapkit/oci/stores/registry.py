@@ -28,7 +28,9 @@ credentials). What it does beyond plain HTTP calls, and why:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import email.utils
+import fcntl
 import functools
 import ipaddress
 import json
@@ -36,6 +38,8 @@ import os
 import random
 import re
 import ssl
+import sys
+import termios
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +48,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlencode, urljoin
 
 import aiohttp
+from aiohttp.connector import Connection
 from yarl import URL
 
 from gapkit import __version__
@@ -95,6 +100,8 @@ _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _SEND_AGAIN = _RETRYABLE_STATUSES | {404}
 _LOST_UPLOAD = frozenset({"BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID"})
 _READ_BUFSIZE = 256 * 1024
+#: aiohttp waits for the socket to drain beyond 64 KiB of buffered body.
+_UPLOAD_PIECE = 64 * 1024
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _AUTH_PARAM_RE = re.compile(r'([A-Za-z][\w-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 
@@ -301,16 +308,51 @@ class _UploadBody:
         self.error: BaseException | None = None
         #: `time.monotonic()` when the body was last taken from (or started, or ended).
         self.moved = time.monotonic()
+        #: The socket carrying it, once sent (see `_SendingRequest`).
+        self.socket: Any = None
 
-    async def iterate(self) -> AsyncGenerator[bytes, None]:
+    def unsent(self) -> int | None:
+        """Bytes the kernel still holds for the peer (Linux `SIOCOUTQ`); None if unknown.
+
+        A body the kernel took whole can still be crossing a slow link for many seconds: while
+        this shrinks, the upload moves.
+        """
+        if self.socket is None:
+            return None
+        try:
+            queued = fcntl.ioctl(self.socket.fileno(), termios.TIOCOUTQ, bytes(4))
+        except (OSError, ValueError):
+            return None
+        return int.from_bytes(queued, sys.byteorder)
+
+    async def iterate(self) -> AsyncGenerator[memoryview, None]:
+        """The chunks in pieces aiohttp sends one by one (it waits for the socket to take each
+        before asking for the next), so `moved` follows the bytes the network accepts."""
         try:
             async for chunk in self.chunks:
-                self.moved = time.monotonic()
-                yield chunk
+                view = memoryview(chunk)
+                for start in range(0, len(view), _UPLOAD_PIECE):
+                    self.moved = time.monotonic()
+                    yield view[start:start + _UPLOAD_PIECE]
             self.moved = time.monotonic()
         except BaseException as exc:
             self.error = exc
             raise
+
+
+#: The upload body of the request a task is sending, for `_SendingRequest`.
+_UPLOADING: contextvars.ContextVar[_UploadBody | None] = contextvars.ContextVar(
+    "gapkit_uploading", default=None)
+
+
+class _SendingRequest(aiohttp.ClientRequest):
+    """Tells the upload body being sent which socket carries it."""
+
+    async def send(self, conn: Connection) -> aiohttp.ClientResponse:
+        body = _UPLOADING.get()
+        if body is not None and conn.transport is not None:
+            body.socket = conn.transport.get_extra_info("socket")
+        return await super().send(conn)
 
 
 # --- the store -----------------------------------------------------------------------------
@@ -701,20 +743,25 @@ class RegistryStore:
         scopes = (_scope(repository, push=True),)
         if location is None:
             location = await self._start_upload(ep, repository, what)
+        # Sent as a stream, so never again in place (a registry keeps what a broken PUT
+        # delivered and then refuses the session: BLOB_UPLOAD_INVALID), and timed by `_watched`.
+        body = _UploadBody(_once(data))
+        stream = body.iterate()
         try:
-            # Not retried in place: a registry keeps what a broken PUT delivered, and refuses
-            # the same session again (BLOB_UPLOAD_INVALID); `_upload_broke` starts a new one.
-            async with await self._call(
+            async with await self._watched(body, self._call(
                 ep, "PUT", _with_digest(location, descriptor.digest), scopes=scopes, what=what,
-                data=data, headers={"Content-Type": "application/octet-stream"},
-                digest=descriptor.digest, retry=False, accept=_SEND_AGAIN,
-            ) as resp:
+                data=stream, headers={"Content-Type": "application/octet-stream",
+                                      "Content-Length": str(len(data))},
+                digest=descriptor.digest, accept=_SEND_AGAIN,
+            )) as resp:
                 await _check_upload_answer(resp, ep, what, self.max_retry_after)
         except Exception as exc:
             if (reason := _broken_reason(exc)) is None:
                 raise
             await self._cancel_upload(ep, location, scopes)
             raise await self._upload_broke(ep, repository, descriptor, reason, exc) from exc
+        finally:
+            await stream.aclose()
 
     async def _upload_streamed(self, ep: _Endpoint, repository: Repository,
                                descriptor: Descriptor, chunks: AsyncIterator[bytes],
@@ -752,18 +799,28 @@ class RegistryStore:
     async def _watched(self, body: _UploadBody,
                        request: Awaitable[aiohttp.ClientResponse]) -> aiohttp.ClientResponse:
         """`request` with a streamed body, failed with `TimeoutError` once nothing moved for
-        `timeout` seconds: no body bytes taken while sending, no answer after the last one.
+        `timeout` seconds: no body bytes taken or acknowledged while sending, no answer after.
 
         aiohttp's read timeout cannot serve here: it runs while the body is still being sent,
         so it would cut any upload that takes longer than the timeout, however fast it moves.
         """
-        task = asyncio.ensure_future(request)
+        token = _UPLOADING.set(body)
+        try:
+            task = asyncio.ensure_future(request)  # runs in a copy of this context
+        finally:
+            _UPLOADING.reset(token)
+        unsent: int | None = None
         try:
             while True:
                 idle = time.monotonic() - body.moved
-                done, _ = await asyncio.wait({task}, timeout=max(0.0, self.timeout - idle))
+                poll = min(self.timeout - idle, max(0.05, self.timeout / 4))
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, poll))
                 if done:
                     return task.result()
+                queued = body.unsent()
+                if queued is not None and unsent is not None and queued < unsent:
+                    body.moved = time.monotonic()
+                unsent = queued
                 if time.monotonic() - body.moved >= self.timeout:
                     raise asyncio.TimeoutError(f"nothing moved for {self.timeout:g} s")
         finally:
@@ -813,6 +870,7 @@ class RegistryStore:
                 headers={"User-Agent": f"gapkit/{__version__}", "Accept-Encoding": "identity"},
                 auto_decompress=False,
                 read_bufsize=_READ_BUFSIZE,
+                request_class=_SendingRequest,
                 trust_env=False,  # proxies are chosen per URL by ProxyConfig (Go's rules)
             )
         return self._session
@@ -1347,6 +1405,10 @@ async def _collect(chunks: AsyncIterator[bytes], descriptor: Descriptor, where: 
             raise DigestMismatch(str(descriptor.digest), "it is longer than the "
                                  f"{descriptor.size} bytes its descriptor declares", where)
     return bytes(data)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 async def _aclose(chunks: AsyncIterator[bytes]) -> None:
