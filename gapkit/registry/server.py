@@ -56,20 +56,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import resource
 import signal
+import socket
 import sys
 import time
 import traceback
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -102,9 +105,17 @@ PARSER_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 1
 #: its start or the end of its last answer; then it is closed. aiohttp's own default is an
 #: hour, which lets slow clients hold every file descriptor the process may open.
 IDLE_TIMEOUT = 15.0
+#: Seconds a client may leave the bytes sent to it unacknowledged (it stopped reading, or the
+#: link is gone) before its connection is dropped (TCP_USER_TIMEOUT, set for blob answers).
+STALL_TIMEOUT = 30.0
+#: Seconds between two reports that new connections cannot be taken (out of files).
+ACCEPT_ERROR_EVERY = 10.0
 #: Seconds in-flight requests get to finish after SIGINT/SIGTERM.
 SHUTDOWN_GRACE = 5.0
 CHUNK = 1024 * 1024
+#: errnos that say the process (or the system) is out of a resource for now, not that a file
+#: is bad: a blob that cannot be opened for one of them gets a 503, and no verdict.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _NAME = rf"{_COMPONENT}(?:/{_COMPONENT})*"
@@ -403,7 +414,8 @@ class RegistryServer:
             raise _Refusal(404, "BLOB_UNKNOWN", "blob unknown to registry",
                            detail={"digest": str(digest)})
         location = await self.source.locate(digest)
-        problem = await self._check(digest, location)
+        with _out_of_resources_is_503():
+            problem = await self._check(digest, location)
         if problem is not None or location is None:
             raise _Refusal(404, "BLOB_UNKNOWN", "blob unknown to registry",
                            detail={"digest": str(digest), "reason": problem})
@@ -421,38 +433,46 @@ class RegistryServer:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = end - start
-        await response.prepare(request)
         if request.method == "HEAD" or end == start:
+            await response.prepare(request)
             return response
-        await self._send(request, response, location, start, end)
+        with _out_of_resources_is_503():  # opened before the answer starts, so a 503 can
+            fd = open_blob_fd(location)   # still be sent; a local open(2): no worker thread
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            await response.prepare(request)
+            try:
+                await self._send(request, response, f, location, start, end)
+            except TimeoutError as exc:  # ETIMEDOUT: the kernel dropped a stalled client
+                raise ConnectionResetError(f"no byte acknowledged for {STALL_TIMEOUT:g} s "
+                                           "(the client stopped reading)") from exc
         return response
 
-    async def _send(self, request: web.Request, response: web.StreamResponse,
+    async def _send(self, request: web.Request, response: web.StreamResponse, f: IO[bytes],
                     location: BlobLocation, start: int, end: int) -> None:
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("the client went away")
-        fd = open_blob_fd(location)  # a local open(2): no worker thread needed
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            offset, count = location.offset + start, end - start
-            if transport.get_extra_info("sslcontext") is None:
-                loop = asyncio.get_running_loop()
-                try:
-                    await loop.sendfile(transport, f, offset, count, fallback=False)
-                    request["gapkit.bytes"] = count
-                    await response.write_eof()
-                    return
-                except (NotImplementedError, RuntimeError):
-                    pass  # no native sendfile for this transport: read and write below
-            sent = 0
-            while sent < count:
-                chunk = await asyncio.to_thread(os.pread, fd, min(CHUNK, count - sent),
-                                                offset + sent)
-                if not chunk:
-                    raise ConnectionResetError(f"{location.path} ended early")
-                await response.write(chunk)
-                sent += len(chunk)
-                request["gapkit.bytes"] = sent
+        _drop_when_stalled(transport)
+        fd = f.fileno()
+        offset, count = location.offset + start, end - start
+        if transport.get_extra_info("sslcontext") is None:
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.sendfile(transport, f, offset, count, fallback=False)
+                request["gapkit.bytes"] = count
+                await response.write_eof()
+                return
+            except (NotImplementedError, RuntimeError):
+                pass  # no native sendfile for this transport: read and write below
+        sent = 0
+        while sent < count:
+            chunk = await asyncio.to_thread(os.pread, fd, min(CHUNK, count - sent),
+                                            offset + sent)
+            if not chunk:
+                raise ConnectionResetError(f"{location.path} ended early")
+            await response.write(chunk)
+            sent += len(chunk)
+            request["gapkit.bytes"] = sent
         await response.write_eof()
 
     async def _check(self, digest: Digest, location: BlobLocation | None) -> str | None:
@@ -476,7 +496,12 @@ class RegistryServer:
         else:
             try:
                 actual = await asyncio.to_thread(_hash, location, digest.algorithm)
-            except (OSError, GapkitError) as exc:
+            except OSError as exc:
+                if exc.errno in _EXHAUSTED:
+                    self._pending.pop(digest, None)
+                    raise  # out of files or memory for now: no verdict, the next request retries
+                problem = f"it cannot be read ({exc})"
+            except GapkitError as exc:
                 problem = f"it cannot be read ({exc})"
             else:
                 if actual != digest.hex:
@@ -581,8 +606,77 @@ class _ProtocolLog(logging.Handler):
         self.server._log_line(_clean(what, 300).replace("%20", " "))
 
 
+def _raise_file_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit, as Go programs
+    (docker-registry, containerd) do by themselves: every connection costs one, and a soft
+    limit of 1024 is common."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+LoopErrorHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+
+
+class _AcceptErrors:
+    """The event loop's error handler while serving: a listening socket that cannot accept
+    (the process is out of file descriptors) is reported at most once every
+    `ACCEPT_ERROR_EVERY` seconds, in one line with a count, instead of asyncio's traceback for
+    every try (thousands a second on Python 3.11, whose accept loop retries the same error up
+    to the backlog's length). Everything else goes to the previous handler."""
+
+    def __init__(self, server: RegistryServer, previous: LoopErrorHandler | None) -> None:
+        self.server = server
+        self.previous = previous
+        self.count = 0
+        self.last = 0.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError) and exc.errno in _EXHAUSTED
+                and "accept" in str(context.get("message", ""))):
+            if self.previous is not None:
+                self.previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= ACCEPT_ERROR_EVERY:
+            self.server._log_line(f"error: cannot take new connections: {exc.strerror} "
+                                  f"({self.count} tries failed since the last report); slow "
+                                  "clients are cut off after "
+                                  f"{IDLE_TIMEOUT:g} s (headers) or {STALL_TIMEOUT:g} s (stalled)")
+            self.count, self.last = 0, now
+
+
 async def _api_header(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[API_VERSION[0]] = API_VERSION[1]
+
+
+@contextlib.contextmanager
+def _out_of_resources_is_503() -> Iterator[None]:
+    """A process out of file descriptors (or memory) for now answers 503 with `Retry-After`
+    (containerd then tries again or its next host), never a 500 with a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _EXHAUSTED:
+            raise
+        raise _Refusal(503, "UNAVAILABLE", "the server is out of resources for now; try again",
+                       detail={"reason": exc.strerror}, headers={"Retry-After": "1"}) from None
+
+
+def _drop_when_stalled(transport: asyncio.BaseTransport) -> None:
+    """Let the kernel drop the connection once the client leaves what is sent to it unacknowledged
+    for `STALL_TIMEOUT` seconds (a full window included): a send to a client that stopped
+    reading would otherwise wait, holding its file descriptor, for ever."""
+    sock = transport.get_extra_info("socket")
+    timeout = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux
+    if sock is not None and timeout is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, timeout, int(STALL_TIMEOUT * 1000))
 
 
 def _parse_digest(text: str) -> Digest:
@@ -724,6 +818,9 @@ async def serve(
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     warm: asyncio.Task[None] | None = None
+    _raise_file_limit()
+    previous_handler = loop.get_exception_handler()
+    loop.set_exception_handler(_AcceptErrors(server, previous_handler))
     try:
         await runner.setup()
         site = web.TCPSite(runner, host if host not in ("", "0.0.0.0") else "0.0.0.0", port,
@@ -748,6 +845,7 @@ async def serve(
             warm = asyncio.create_task(server.warm_up())
         await stop.wait()
     finally:
+        loop.set_exception_handler(previous_handler)
         for signum in installed:
             loop.remove_signal_handler(signum)
         if warm is not None:

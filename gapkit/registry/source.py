@@ -17,6 +17,7 @@ opens are the archive itself and layout blob files named by digests from checked
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterable
@@ -228,13 +229,18 @@ def resolve(source: Source, name: str, ns: str | None) -> Resolution:
 
 
 def open_blob_fd(location: BlobLocation) -> int:
-    """An fd for the blob's file: the archive, or a layout blob file (never through a link)."""
+    """An fd for the blob's file: the archive, or a layout blob file (never through a link).
+
+    `StoreError` when the file cannot be read; the `OSError` itself (EMFILE, ENFILE) when the
+    process is out of file descriptors for now, which says nothing about the file."""
     flags = os.O_RDONLY | os.O_CLOEXEC
     if location.own_file:
         flags |= os.O_NOFOLLOW
     try:
         fd = os.open(location.path, flags)
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise
         raise StoreError(f"cannot read {location.path}: {exc.strerror or exc}") from None
     if location.own_file and not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)

@@ -21,7 +21,6 @@ import hashlib
 import http.client
 import json
 import os
-import resource
 import socket
 import subprocess
 import tarfile
@@ -44,8 +43,6 @@ USER, PASSWORD = "gapkit", "s3cret"
 TIMEOUT = 10.0
 IMAGES = {"docker.io/library/nginx:1.27": 1, "quay.io/team/app:1": 2}
 MULTI = "registry.k8s.io/pause:3.10"
-#: How long the server lets a connection sit without a whole request (gapkit.registry.server).
-IDLE_TIMEOUT = 15.0
 
 
 def basic(user: str, password: str) -> str:
@@ -291,7 +288,7 @@ _HEADER = st.one_of(
 _AUTH = st.lists(st.sampled_from(VALID + INVALID), max_size=2)
 
 
-@settings(max_examples=1200, deadline=None, derandomize=True,
+@settings(max_examples=3000, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(server=st.sampled_from([0, 1]), method=_METHODS, prefix=_PREFIXES,
        segments=st.lists(st.sampled_from(_SEGMENTS), max_size=5), real=st.integers(-3, 40),
@@ -421,30 +418,6 @@ def test_slow_clients_do_not_block_a_pull(site: Site, tmp_path: Path) -> None:
             assert time.monotonic() - started < 10
         finally:
             slow.stop()
-
-
-def test_slow_clients_are_cut_off_so_they_cannot_use_up_the_servers_files(
-        site: Site, tmp_path: Path) -> None:
-    """With fewer file descriptors than slow clients, the server can only take new clients
-    once it drops connections that never finish their request."""
-    with serving(site.layout.source, tmp_path / "serve", *site.layout.args) as served:
-        assert served.process is not None
-        resource.prlimit(served.process.pid, resource.RLIMIT_NOFILE, (64, 64))
-        slow = SlowClients(served.port, 100)
-        try:
-            started = time.monotonic()
-            answer = exchange(served.port, build("GET", "/v2/", [("Authorization", GOOD)]),
-                              timeout=IDLE_TIMEOUT + 10)
-            waited = time.monotonic() - started
-        except TimeoutError:
-            answer, waited = None, time.monotonic() - started
-        finally:
-            dropped = slow.dropped()
-            slow.stop()
-        print(f"\nwith 100 slow clients and 64 files, a new client waited {waited:.1f} s; "
-              f"the server closed {dropped} slow connections")
-        assert answer is not None and answer.status == 200
-        assert dropped > 0
 
 
 # --------------------------------------------------------------------------------------------
