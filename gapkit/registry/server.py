@@ -44,11 +44,13 @@ Request limits: aiohttp refuses request lines over 8190 bytes, header fields ove
 and more than 100 headers (400); this server answers 414 for a request target over
 `MAX_TARGET` bytes and 431 for headers over `MAX_HEADER_BYTES` in total. A connection that
 has not sent a whole request `IDLE_TIMEOUT` seconds after it opened (or after its last answer)
-is closed: slow clients cannot hold the server's connections. With `--htpasswd`, credentials
-are checked first: every request without them (or with several Authorization headers) gets
-the same 401, whatever it asks for. Paths are taken raw (never percent-decoded): anything
-outside the spec's grammar, `%2F` and `..` included, is refused with 400 (or 404 off `/v2/`)
-before any lookup.
+is closed, and one that leaves a blob's bytes unacknowledged for `STALL_TIMEOUT` seconds (it
+stopped reading) is dropped: slow clients cannot hold the server's file descriptors. A server
+out of them anyway answers 503 with `Retry-After` for blobs it cannot open. With
+`--htpasswd`, credentials are checked first: every request without them (or with several
+Authorization headers) gets the same 401, whatever it asks for. Paths are taken raw (never
+percent-decoded): anything outside the spec's grammar, `%2F` and `..` included, is refused
+with 400 (or 404 off `/v2/`) before any lookup.
 """
 
 from __future__ import annotations
