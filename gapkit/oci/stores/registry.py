@@ -10,7 +10,10 @@ credentials). What it does beyond plain HTTP calls, and why:
   Credentials come from `gapkit.oci.auth` (explicit first, then the Docker config).
 - Transient failures (connection resets, timeouts, a stalled read, 429 and 5xx) are retried
   with exponential backoff and jitter, honouring `Retry-After`. A blob download that breaks
-  resumes with `Range: bytes=N-`, so the consumer sees one seamless stream.
+  resumes with `Range: bytes=N-`, so the consumer sees one seamless stream. An upload that
+  breaks raises `UploadInterrupted`: the copy engine reads the blob again and it goes up in a
+  new session (a registry refuses a session a broken request wrote to). Uploads are timed by
+  what moves (body bytes taken, the kernel's send queue shrinking), not by a read timeout.
 - Reads of an upstream with mirrors go to the mirrors first, as containerd's `hosts.toml`
   does (`<mirror>/v2/<path>/...?ns=<upstream>`), falling back to the next mirror, then to
   the upstream. Writes, and the `head_*` checks a push decides on, go to the upstream only:
@@ -412,7 +415,7 @@ class RegistryStore:
         self._dead_mirrors: set[str] = set()
         #: (registry, digest) -> repositories of that registry known to hold the blob.
         self._blob_homes: dict[tuple[str, Digest], set[str]] = {}
-        #: (registry, digest) -> how many times its streamed upload broke in transit.
+        #: (registry, digest) -> how many times its upload broke in transit.
         self._broken_uploads: dict[tuple[str, Digest], int] = {}
 
     # --- Store protocol ----------------------------------------------------------------------
