@@ -243,10 +243,8 @@ class RegistryServer:
         self._verdicts: dict[Digest, str | None] = {}  # None: good; else what is wrong
         self._pending: dict[Digest, asyncio.Future[str | None]] = {}
         self._warm: asyncio.Task[None] | None = None
-        self.app = web.Application(middlewares=[self._middleware], client_max_size=1024)
-        # No routes: `_middleware` hands every request to `_dispatch`, whatever aiohttp's
-        # router would make of its path (CONNECT's `host:port`, a `%0a` decoded to a newline),
-        # so none gets aiohttp's own 404 before the credentials are checked.
+        self.app = web.Application(middlewares=[self._middleware], client_max_size=1024,
+                                   router=_OneRoute(self._dispatch))
         self.app.on_response_prepare.append(_api_header)
 
     # ---- entry --------------------------------------------------------------------------
@@ -259,7 +257,7 @@ class RegistryServer:
         request["gapkit.bytes"] = 0
         status = 500
         try:
-            response = await self._dispatch(request)
+            response = await handler(request)
             status = response.status
             return response
         except _Refusal as refusal:
@@ -616,6 +614,27 @@ def _raise_file_limit() -> None:
     if soft != hard:
         with contextlib.suppress(OSError, ValueError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class _OneRoute(web.UrlDispatcher):
+    """A router that sends every request to one handler, whatever its path or method
+    (CONNECT's `host:port`, a `%0a` decoded to a newline): none gets aiohttp's own 404 or 405
+    before the credentials are checked. `Expect` goes to `_ignore_expect`."""
+
+    def __init__(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
+        super().__init__()
+        self._route = web.ResourceRoute("*", handler, web.PlainResource("/"),
+                                        expect_handler=_ignore_expect)
+
+    async def resolve(self, request: web.Request) -> web.UrlMappingMatchInfo:
+        return web.UrlMappingMatchInfo({}, self._route)
+
+
+async def _ignore_expect(request: web.Request) -> None:
+    """`Expect` is not acted on: this server never reads a request body, so it sends no
+    `100 Continue` and refuses no expectation; its final answer comes at once, as RFC 9110
+    allows. (aiohttp's own handler runs before any middleware, so before the credentials are
+    checked: 417 for an unknown expectation, and a 500 for a non-ASCII one.)"""
 
 
 LoopErrorHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
