@@ -112,6 +112,14 @@ def pax_header_8_eb(b: Bundle, path: Path) -> Hostile:
     return Hostile(b.write(path), ("extended header",), at_open=True)
 
 
+def negative_pax_size(b: Bundle, path: Path) -> Hostile:
+    """A pax `size` of -1536 sends tarfile back to the same header, for ever."""
+    info = tarfile.TarInfo("gapkit/loop")
+    info.pax_headers = {"size": "-1536"}
+    b.extra = [info.tobuf(tarfile.PAX_FORMAT)]
+    return Hostile(b.write(path), ("gapkit/loop", "-1536"), at_open=True)
+
+
 def too_many_members(b: Bundle, path: Path) -> Hostile:
     headers = many_headers("gapkit/m/", MAX_MEMBERS + 1)
     return Hostile(b.write(path, before=[headers]), (f"more than {MAX_MEMBERS} members",),
@@ -288,6 +296,7 @@ HOSTILE: dict[str, Callable[[Bundle, Path], Hostile]] = {
     "member of 8 EB (base-256 size)": size_8_eb,
     "member larger than the file": size_beyond_file,
     "pax header of 8 EB": pax_header_8_eb,
+    "member with a negative pax size": negative_pax_size,
     "one member more than MAX_MEMBERS": too_many_members,
     "members with names of 1 MiB": members_with_1_mb_names,
     "blob whose content has another digest": blob_with_other_content,

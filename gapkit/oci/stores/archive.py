@@ -250,6 +250,11 @@ def _walk(path: Path) -> _TarIndex:
                 if info is None:
                     break
                 tar.members.clear()  # type: ignore[attr-defined]  # else it keeps every TarInfo
+                if info.size < 0:  # tarfile takes a pax size of -1536 and walks back, for ever
+                    raise StoreError(
+                        f"{path}: member {info.name[:64]!r} at byte {info.offset} declares a "
+                        f"size of {info.size} bytes; refusing it",
+                        hint="the archive is hostile or broken")
                 count += 1
                 if count > MAX_MEMBERS:
                     raise StoreError(
