@@ -44,7 +44,7 @@ import tomlkit.exceptions
 
 from gapkit.errors import NodeError, UsageError
 from gapkit.node.hosts_toml import directory_name
-from gapkit.node.plan import ApplyReport, Command, FileWrite, Plan, Runner, apply
+from gapkit.node.plan import ApplyReport, Command, FileWrite, Plan, Runner, apply, resume_pending
 from gapkit.oci.auth import parse_user_password
 from gapkit.oci.reference import is_registry_host, normalise_registry
 from gapkit.registry.push import PushTarget, hosts_files
@@ -240,6 +240,7 @@ async def plan_configure(runner: Runner, options: ConfigureOptions) -> Plan:
             plan.commands.append(Command(
                 RESTART, "containerd reads containerd-env only when it starts",
                 when_changed=(CONTAINERD_ENV,)))
+            await resume_pending(plan, runner)
         elif env_changed:
             plan.notes.append("not restarting (--no-restart): the proxy settings take effect "
                               "after `snap restart microk8s`")

@@ -10,7 +10,10 @@ and says so. If a write fails, the files already written are put back as they we
 backups removed, and the folders made for them), so a failed apply leaves every file as it
 found it. A killed apply cannot put anything back: the files before the kill are new, each with
 its backup, the rest are old, and running the command again finishes the job (removing the temp
-file a kill in the middle of a write leaves).
+file a kill in the middle of a write leaves). A `when_changed` command is noted as pending
+(`pending_path`) before its files are written and until it succeeds, so a command that a kill or
+a failure kept from running runs on the next apply (`resume_pending`, called by the planner)
+even though its files are then already as wanted.
 
 Runners: `LocalRunner` here (with `root`, every path is under that folder: for tests and for
 preparing an image); the SSH runner lives in `gapkit.cluster`.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import difflib
 import errno
@@ -34,6 +38,8 @@ from gapkit.errors import NodeError
 from gapkit.oci.fsutil import atomic_write, pid_alive
 
 BACKUP_SUFFIX = ".gapkit-backup-"
+#: Beside a command's first `when_changed` file while the command is still to run.
+PENDING_SUFFIX = ".gapkit-pending"
 #: `atomic_write`'s temp files: `.NAME.tmp-PID-HEX`.
 _TEMP_NAME = re.compile(r"\..+\.tmp-(\d+)-[0-9a-f]{8}")
 
@@ -195,6 +201,26 @@ def backup_path(path: PurePosixPath, stamp: str) -> PurePosixPath:
     return path.with_name(f"{path.name}{BACKUP_SUFFIX}{stamp}")
 
 
+def pending_path(command: Command) -> PurePosixPath | None:
+    """Where `apply` notes that `command` is still to run: beside its first `when_changed`
+    file, written before that file and removed once the command succeeded."""
+    if not command.when_changed:
+        return None
+    path = command.when_changed[0]
+    return path.with_name(path.name + PENDING_SUFFIX)
+
+
+async def resume_pending(plan: Plan, runner: Runner) -> None:
+    """Make a command run that an earlier apply wrote its files for but did not finish (killed,
+    or the command failed), even though its files are already as wanted."""
+    for i, command in enumerate(plan.commands):
+        marker = pending_path(command)
+        if marker is not None and await runner.read_file(marker) is not None:
+            plan.commands[i] = dataclasses.replace(command, only_if_changed=False)
+            plan.notes.append(f"`{command}` did not run to the end after an earlier run "
+                              "(killed, or it failed): it runs now")
+
+
 async def _roll_back(done: list[tuple[FileWrite, PurePosixPath | None]], runner: Runner) -> list[str]:
     """Put back what `apply` wrote; what could not be put back, as messages.
 
@@ -229,10 +255,18 @@ async def apply(plan: Plan, runner: Runner) -> ApplyReport:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     done: list[tuple[FileWrite, PurePosixPath | None]] = []
     stray: PurePosixPath | None = None  # a backup written for a file whose write then failed
+    commands = plan.commands_to_run()
+    markers = {c.when_changed[0]: m for c in commands
+               if c.only_if_changed and (m := pending_path(c)) is not None}
+    written_markers: list[PurePosixPath] = []
     try:
         for write in plan.writes:
             if not write.changed:
                 continue
+            marker = markers.pop(write.path, None)
+            if marker is not None:
+                await runner.write_file(marker, b"", 0o644)
+                written_markers.append(marker)
             current = await runner.read_file(write.path)
             if current != write.old:
                 raise NodeError(
@@ -254,20 +288,27 @@ async def apply(plan: Plan, runner: Runner) -> ApplyReport:
             with contextlib.suppress(NodeError):
                 await runner.remove_file(stray)
         left = await _roll_back(done, runner)
+        for marker in written_markers:
+            with contextlib.suppress(NodeError):
+                await runner.remove_file(marker)
         if left:
             raise NodeError(exc.message + "; could not put back: " + "; ".join(left),
                             hint="restore those files from their backups by hand, or "
                             + (exc.hint or "fix the cause and run the command again")) from None
         put_back = f"; the {len(done)} file(s) written before were put back" if done else ""
         raise NodeError(exc.message + put_back, hint=exc.hint) from None
-    for command in plan.commands_to_run():
+    for command in commands:
         result = await runner.run(command.argv)
         report.ran.append(result)
         if result.returncode != 0:
             raise NodeError(
                 f"{plan.node}: `{command}` failed with exit code {result.returncode}: "
                 f"{(result.stderr or result.stdout).strip()[-500:]}",
-                hint="the files above were written and backed up; fix the cause and run again")
+                hint="the files above were written and backed up; fix the cause and run again "
+                "(the command runs again then, even with nothing left to change)")
+        pending = pending_path(command)
+        if pending is not None:
+            await runner.remove_file(pending)
     return report
 
 

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -223,6 +223,85 @@ def wait_open(fifo: Path, process: subprocess.Popen[str], deadline: float, want:
         time.sleep(0.005)
 
 
+class Stopped:
+    """gapkit (`node configure` ARGS) run with a FIFO at `path` (an existing file of the plan),
+    stopped where apply checks that file before replacing it: planning's read of the FIFO is
+    given the old content and seen to finish; apply's read then opens the FIFO and waits for
+    bytes, with `fd` the open writing end. `release()` gives it the old content again so gapkit
+    goes on (to a kill set up by `strace_kill`); `close()` ends whatever is still running and
+    puts the real file back (the FIFO only stood in to stop gapkit there)."""
+
+    def __init__(self, root: Path, path: Path, args: list[str]) -> None:
+        self.fifo = root / path
+        self.old = self.fifo.read_bytes()
+        self.fifo.unlink()
+        os.mkfifo(self.fifo)
+        self.started: list[subprocess.Popen[str]] = []
+        self.process = self.start([sys.executable, "-m", "gapkit", "node", "configure",
+                                   "--root", str(root), *args], stdout=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        fd = open_when_read(self.fifo, self.process, deadline)
+        os.write(fd, self.old)
+        wait_open(self.fifo, self.process, deadline, want=True)
+        os.close(fd)
+        wait_open(self.fifo, self.process, deadline, want=False)
+        self.fd: int | None = open_when_read(self.fifo, self.process, deadline)
+
+    def start(self, argv: list[str], **kwargs: object) -> subprocess.Popen[str]:
+        started: subprocess.Popen[str] = subprocess.Popen(  # type: ignore[call-overload]
+            argv, stderr=subprocess.PIPE, text=True, **kwargs)
+        self.started.append(started)
+        return started
+
+    def strace_kill(self, syscall: str) -> None:
+        """SIGKILL gapkit at its next `syscall` (any thread), by `strace` attached to it now."""
+        tracer = self.start(["strace", "-f", "-p", str(self.process.pid), "-o", "/dev/null",
+                             "-e", f"trace={syscall}", "-e",
+                             f"inject={syscall}:signal=SIGKILL:when=1"])
+        assert tracer.stderr is not None
+        attached = tracer.stderr.readline()  # "Process N attached [with T threads]": all of them
+        assert "attached" in attached, attached + tracer.stderr.read()
+
+    def release(self) -> None:
+        assert self.fd is not None
+        os.write(self.fd, self.old)
+        self.close_fd()
+
+    def close_fd(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def close(self) -> None:
+        while self.started:
+            started = self.started.pop()
+            if started.poll() is None:
+                started.kill()
+            started.communicate()
+        self.close_fd()
+        if not self.fifo.is_file():
+            self.fifo.unlink()
+            self.fifo.write_bytes(self.old)
+
+
+@pytest.fixture
+def stop_at(tmp_path: Path) -> Iterator[Callable[..., Stopped]]:
+    made: list[Stopped] = []
+
+    def make(root: Path, path: Path, args: list[str]) -> Stopped:
+        made.append(Stopped(root, path, args))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for stopped in made:
+            stopped.close()
+
+
+needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+
+
 #: Plan order of `many_files`: the paths, and which of them existed before.
 ORDER = [CERTS / "docker.io/ca.crt", CERTS / "docker.io/hosts.toml", CERTS / "quay.io/ca.crt",
          CERTS / "quay.io/hosts.toml", CERTS / "registry.k8s.io/ca.crt",
@@ -232,45 +311,21 @@ ORDER = [CERTS / "docker.io/ca.crt", CERTS / "docker.io/hosts.toml", CERTS / "qu
 @pytest.mark.parametrize("kill_at", [CERTS / "docker.io/hosts.toml", CERTS / "quay.io/hosts.toml",
                                      ENV], ids=["docker.io", "quay.io", "containerd-env"])
 def test_killed_between_files_the_earlier_files_are_new_with_backups_and_a_rerun_converges(
-        tmp_path: Path, microk8s: StandInMicroK8s, ca: Path, kill_at: Path) -> None:
-    """gapkit is SIGKILLed when it opens `kill_at` to check it before replacing it (the file is a
-    FIFO: gapkit's planning read gets the old content through it; its second read, in apply,
-    blocks until the kill). Then: every file before `kill_at` in the plan is new, with a backup
-    of the old one beside it when there was one; `kill_at` and every later file are old; no temp
-    file; no restart. The rerun writes the rest (backing them up), restarts MicroK8s once, and
-    a third run changes nothing."""
+        tmp_path: Path, microk8s: StandInMicroK8s, ca: Path, kill_at: Path,
+        stop_at: Callable[..., Stopped]) -> None:
+    """gapkit is SIGKILLed where apply checks `kill_at` before replacing it (`Stopped`). Then:
+    every file before `kill_at` in the plan is new, with a backup of the old one beside it when
+    there was one; `kill_at` and every later file are old; no temp file; no restart. The rerun
+    writes the rest (backing them up), restarts MicroK8s once, and a third run changes
+    nothing."""
     root = tmp_path / "node"
     populate(root, quay=True)
-    fifo = root / kill_at
-    old = fifo.read_bytes()
-    fifo.unlink()
-    os.mkfifo(fifo)
     before = {path: (root / path).read_bytes() if (root / path).is_file() else None
-              for path in ORDER if path != kill_at}
-    before[kill_at] = old
-    argv = [sys.executable, "-m", "gapkit", "node", "configure", "--root", str(root),
-            *many_files(ca)]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        # Planning reads the file: give it the old content, and see that read finish (gapkit
-        # holds the FIFO open until this end closes, then closes it). Apply's read then blocks
-        # in open() until a writer comes: that is where gapkit is killed.
-        fd = open_when_read(fifo, process, deadline)
-        os.write(fd, old)
-        wait_open(fifo, process, deadline, want=True)
-        os.close(fd)
-        wait_open(fifo, process, deadline, want=False)
-        fd = open_when_read(fifo, process, deadline)  # apply checks it again: kill it there
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=30) == -signal.SIGKILL
-        os.close(fd)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate()
-    fifo.unlink()
-    fifo.write_bytes(old)  # the file as it was (the FIFO only stood in to stop gapkit there)
+              for path in ORDER}
+    stopped = stop_at(root, kill_at, many_files(ca))
+    stopped.process.send_signal(signal.SIGKILL)
+    assert stopped.process.wait(timeout=30) == -signal.SIGKILL
+    stopped.close()
 
     killed = ORDER.index(kill_at)
     for i, path in enumerate(ORDER):
@@ -298,59 +353,87 @@ def test_killed_between_files_the_earlier_files_are_new_with_backups_and_a_rerun
     assert state(root) == done and microk8s.restarts() == 1
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+@needs_strace
 def test_killed_while_writing_a_backup_the_rerun_sweeps_the_temp_file_and_converges(
-        tmp_path: Path, microk8s: StandInMicroK8s, ca: Path) -> None:
-    """gapkit stopped at containerd-env as above, then `strace` attached to it kills it at its
-    next fsync: the temp file of containerd-env's backup is fully written but never renamed
-    (what a power cut or an OOM kill there leaves). The six earlier files are new with their
-    backups, containerd-env is old and has no backup yet; the rerun removes the dead process's
-    temp file and converges."""
+        tmp_path: Path, microk8s: StandInMicroK8s, ca: Path,
+        stop_at: Callable[..., Stopped]) -> None:
+    """gapkit stopped at containerd-env, then killed at its next fsync: the temp file of
+    containerd-env's backup is fully written but never renamed (what a power cut or an OOM kill
+    there leaves). The six earlier files are new with their backups, containerd-env is old and
+    has no backup yet; the rerun removes the dead process's temp file and converges."""
     root = tmp_path / "node"
     populate(root, quay=True)
-    fifo = root / ENV
-    old = fifo.read_bytes()
-    fifo.unlink()
-    os.mkfifo(fifo)
-    argv = [sys.executable, "-m", "gapkit", "node", "configure", "--root", str(root),
-            *many_files(ca)]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tracer: subprocess.Popen[str] | None = None
-    try:
-        deadline = time.monotonic() + 30
-        fd = open_when_read(fifo, process, deadline)
-        os.write(fd, old)
-        wait_open(fifo, process, deadline, want=True)
-        os.close(fd)
-        wait_open(fifo, process, deadline, want=False)
-        fd = open_when_read(fifo, process, deadline)  # apply's check: gapkit waits for the bytes
-        tracer = subprocess.Popen(
-            ["strace", "-f", "-p", str(process.pid), "-o", "/dev/null", "-e", "trace=fsync",
-             "-e", "inject=fsync:signal=SIGKILL:when=1"], stderr=subprocess.PIPE, text=True)
-        assert tracer.stderr is not None
-        attached = tracer.stderr.readline()  # "Process N attached [with T threads]": all of them
-        assert "attached" in attached, attached + tracer.stderr.read()
-        os.write(fd, old)
-        os.close(fd)
-        assert process.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        for started in (process, tracer):
-            if started is not None and started.poll() is None:
-                started.kill()
-            if started is not None:
-                started.communicate()
-    fifo.unlink()
-    fifo.write_bytes(old)
+    stopped = stop_at(root, ENV, many_files(ca))
+    stopped.strace_kill("fsync")
+    stopped.release()
+    assert stopped.process.wait(timeout=30) == -signal.SIGKILL
+    stopped.close()
 
     [temp] = temp_files(root)
-    assert temp.name.startswith(".containerd-env.gapkit-backup-") and temp.read_bytes() == old
-    assert not list(fifo.parent.glob("containerd-env.gapkit-backup-*"))
+    assert temp.name.startswith(".containerd-env.gapkit-backup-") and temp.read_bytes() == stopped.old
+    assert not list((root / ARGS).glob("containerd-env.gapkit-backup-*"))
     for path in ORDER[:-1]:
         assert (root / path).is_file(), path
     assert microk8s.restarts() == 0
 
     assert configure(root, *many_files(ca)).returncode == 0
     assert temp_files(root) == []
-    assert [b.read_bytes() for b in fifo.parent.glob("containerd-env.gapkit-backup-*")] == [old]
+    assert [b.read_bytes() for b in (root / ARGS).glob("containerd-env.gapkit-backup-*")] == \
+        [stopped.old]
     assert microk8s.restarts() == 1
     assert "nothing to change" in configure(root, *many_files(ca)).stdout
+
+
+# -- the restart after containerd-env changed does not happen --------------------------------------
+
+
+@needs_strace
+def test_killed_after_the_files_before_the_restart_the_rerun_restarts(
+        tmp_path: Path, microk8s: StandInMicroK8s, ca: Path,
+        stop_at: Callable[..., Stopped]) -> None:
+    """Killed when gapkit starts `snap restart microk8s` (its first pipe2: the command's output
+    pipes), after all seven files are written: containerd still runs with the old
+    containerd-env. The rerun has no file to change, and must still restart MicroK8s."""
+    root = tmp_path / "node"
+    populate(root, quay=True)
+    stopped = stop_at(root, ENV, many_files(ca))
+    stopped.strace_kill("pipe2")
+    stopped.release()
+    assert stopped.process.wait(timeout=30) == -signal.SIGKILL
+    stopped.close()
+    assert b"HTTPS_PROXY=http://proxy.lan:3128" in (root / ENV).read_bytes()
+    assert microk8s.restarts() == 0
+
+    rerun = configure(root, *many_files(ca))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "$ snap restart microk8s" in rerun.stdout and "did not run" in rerun.stdout
+    assert microk8s.restarts() == 1
+    done = state(root)
+    again = configure(root, *many_files(ca))
+    assert "nothing to change" in again.stdout and microk8s.restarts() == 1
+    assert state(root) == done
+
+
+def test_a_failed_restart_runs_again_on_the_rerun(
+        tmp_path: Path, microk8s: StandInMicroK8s, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`snap restart microk8s` fails (snapd busy: a `snap` stand-in that says so): the command
+    exits 1 naming it; the files are written. The rerun, with snap working again, restarts even
+    though no file changes; the run after that changes nothing and does not restart."""
+    root = tmp_path / "node"
+    populate(root)
+    broken = tmp_path / "broken-snap"
+    broken.mkdir()
+    (broken / "snap").write_text(
+        "#!/bin/sh\n# stand-in for a `snap` whose snapd is busy (tests only)\n"
+        "echo 'error: snap \"microk8s\" has \"refresh\" change in progress' >&2\nexit 10\n")
+    (broken / "snap").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{broken}{os.pathsep}{microk8s.path}")
+    first = configure(root, *PROXY)
+    assert first.returncode == 1 and "`snap restart microk8s` failed" in first.stderr
+    assert b"HTTPS_PROXY=http://proxy.lan:3128" in (root / ENV).read_bytes()
+    monkeypatch.setenv("PATH", microk8s.path)
+    second = configure(root, *PROXY)
+    assert second.returncode == 0, second.stderr
+    assert microk8s.restarts() == 1
+    third = configure(root, *PROXY)
+    assert "nothing to change" in third.stdout and microk8s.restarts() == 1
