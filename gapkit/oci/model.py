@@ -224,6 +224,8 @@ class Manifest:
                 )
         try:
             doc = json.loads(raw)
+        except RecursionError:
+            raise ManifestError(f"{where} nests JSON arrays or objects too deep to read") from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise ManifestError(f"{where} is not valid JSON: {exc}") from None
         if not isinstance(doc, dict):

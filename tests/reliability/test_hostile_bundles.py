@@ -43,6 +43,7 @@ from tests.support.hostile import (
     sha3_b64,
     sha256,
     sparse_member,
+    write_tar,
     zeros_digest,
 )
 from tests.support.peers import free_port
@@ -221,6 +222,18 @@ def one_index_named_6000_times(b: Bundle, path: Path) -> Hostile:
     return Hostile(b.write(path), (), images_bad=False)
 
 
+def index_json_nested_100000_deep(b: Bundle, path: Path) -> Hostile:
+    b.members["index.json"] = b'{"manifests":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    return Hostile(b.write(path), ("index.json", "deep"), at_open=True)
+
+
+def manifest_nested_100000_deep(b: Bundle, path: Path) -> Hostile:
+    data = b'{"layers":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    digest = b.add_blob(data)
+    b.rename_image(APP, digest, len(data), OCI_MANIFEST)
+    return Hostile(b.write(path), (digest.split(":")[1], "deep"), bad_manifest=True)
+
+
 def index_json_100_mb(b: Bundle, path: Path) -> Hostile:
     return Hostile(b.write(path, replace={"index.json": sparse_member("index.json", BIG)}),
                    ("index.json",), at_open=True)
@@ -307,6 +320,8 @@ HOSTILE: dict[str, Callable[[Bundle, Path], Hostile]] = {
     "index fan-out 2000^3": index_fan_out,
     "nameless index fan-out 2000^5 in index.json": nameless_index_fan_out,
     "one 2000-entry index named 6000 times": one_index_named_6000_times,
+    "index.json nested 100000 deep": index_json_nested_100000_deep,
+    "manifest nested 100000 deep": manifest_nested_100000_deep,
     "index.json of 100 MB": index_json_100_mb,
     "manifest of 100 MB": manifest_100_mb,
     "bundle.json of 100 MB": bundle_json_100_mb,
@@ -517,3 +532,23 @@ def test_serve_never_answers_with_a_blob_whose_bytes_have_another_digest(
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(10)
     assert h.culprit[0] in log.read_text()
+
+
+@pytest.mark.parametrize("command", ["copy", "serve"])
+def test_docker_save_tar_whose_manifest_json_nests_100000_deep_is_refused(
+        command: str, tmp_path: Path) -> None:
+    tar = write_tar(tmp_path / "save.tar",
+                    [member("manifest.json", b"[" * 100_000 + b"]" * 100_000)])
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir()
+    out.mkdir()
+    if command == "copy":
+        run = run_gapkit(["copy", f"docker-archive:{tar}", f"oci-archive:{out / 'x.tar'}"], cwd)
+    else:
+        port = free_port()
+        run = run_gapkit(["registry", "serve", str(tar), "--tls", "off", "--listen",
+                          f"127.0.0.1:{port}"], cwd, listen_port=port)
+    assert run.returncode not in (0, None), run
+    assert run.stderr.startswith("error:") and "internal error" not in run.stderr, run
+    assert "manifest.json" in run.stderr and "deep" in run.stderr, run
+    assert not _files(out), run

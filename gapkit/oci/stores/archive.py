@@ -559,6 +559,9 @@ class ArchiveStore:
         raw = self._read_metadata(tar.resolve("manifest.json", "the archive"))
         try:
             doc = json.loads(raw)
+        except RecursionError:
+            raise StoreError(f"{where} nests JSON arrays or objects too deep to read",
+                             hint="the archive is hostile or broken") from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise StoreError(f"{where} is not valid JSON: {exc}", hint=_DAMAGED) from None
         if not isinstance(doc, list):
