@@ -71,6 +71,7 @@ import sys
 import time
 import traceback
 import urllib.parse
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,8 +244,11 @@ class RegistryServer:
         self._verdicts: dict[Digest, str | None] = {}  # None: good; else what is wrong
         self._pending: dict[Digest, asyncio.Future[str | None]] = {}
         self._warm: asyncio.Task[None] | None = None
-        self.app = web.Application(middlewares=[self._middleware], client_max_size=1024,
-                                   router=_OneRoute(self._dispatch))
+        with warnings.catch_warnings():
+            # aiohttp 3 deprecates `router=` with 4.0 in view; pyproject pins aiohttp < 4.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.app = web.Application(middlewares=[self._middleware], client_max_size=1024,
+                                       router=_OneRoute(self._dispatch))
         self.app.on_response_prepare.append(_api_header)
 
     # ---- entry --------------------------------------------------------------------------
