@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from gapkit.bundle.model import MAX_BUNDLE_JSON_SIZE
 from gapkit.oci.stores.archive import MAX_MEMBERS
 from tests.support.hostile import (
     MB,
@@ -252,6 +253,18 @@ def bundle_json_100_mb(b: Bundle, path: Path) -> Hostile:
                    bundle_only=True, images_bad=False)
 
 
+def bundle_json_at_the_limit(b: Bundle, path: Path) -> Hostile:
+    """bundle.json just under its limit, listing as many images as fit: each is rendered."""
+    record = b.bundle_json
+    image = dict(record["images"][0], sources=["s" * 100])  # type: ignore[index]
+    size = len(json.dumps(dict(image, reference="docker.io/x/y000000:1"))) + 2
+    record["images"] = [dict(image, reference=f"docker.io/x/y{i:06d}:1")
+                        for i in range((MAX_BUNDLE_JSON_SIZE - 2000) // size)]
+    b.members["gapkit/bundle.json"] = json.dumps(record).encode()
+    assert len(b.members["gapkit/bundle.json"]) <= MAX_BUNDLE_JSON_SIZE
+    return Hostile(b.write(path), ("in index.json",), images_bad=False)
+
+
 def snap_assertion_100_mb(b: Bundle, path: Path) -> Hostile:
     snap = b"not a squashfs" * 1000
     record = b.bundle_json
@@ -325,6 +338,7 @@ HOSTILE: dict[str, Callable[[Bundle, Path], Hostile]] = {
     "index.json of 100 MB": index_json_100_mb,
     "manifest of 100 MB": manifest_100_mb,
     "bundle.json of 100 MB": bundle_json_100_mb,
+    "bundle.json at its limit, 12 000 images": bundle_json_at_the_limit,
     "snap assertion of 100 MB": snap_assertion_100_mb,
     "member ../x": dot_dot_member,
     "absolute member": absolute_member,
