@@ -2,10 +2,12 @@
 bombs, oversized JSON, path tricks.
 
 Each is made from a real bundle (built by `gapkit bundle create` from a stand-in registry) and
-given to `bundle verify`, `bundle inspect`, `images export`, `copy oci-archive:BUNDLE oci:DIR`
-and `registry serve`, each a real process. Every one must answer quickly, within a bounded
-peak RSS (the process's own, from wait4), without a traceback, refusing what is bad with a
-message that names the culprit, and writing nothing outside its target.
+given to `bundle verify`, `bundle inspect`, `images export`, `copy oci-archive:BUNDLE
+oci-archive:OUT` and `registry serve` (until it listens), each a real process. Every one must
+answer quickly, within a bounded peak RSS (gapkit's own: `/usr/bin/time`, or VmHWM for a
+server still running), without a traceback, refusing what is bad with a message that names the
+culprit, and writing nothing outside its target. What skopeo and ctr do with the same inputs is
+in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -415,7 +417,6 @@ def run_gapkit(args: list[str], cwd: Path, listen_port: int | None = None) -> Ru
             returncode = process.poll()
             if returncode is not None:
                 peak = int(rss.read_text().split()[-1]) / 1024
-                rss.unlink()
                 break
             if (listen_port is not None and _listening(listen_port)
                     and b"listening on" in out.read_bytes()):
