@@ -13,7 +13,7 @@ import base64
 import hashlib
 import json
 import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,7 +187,7 @@ class Bundle:
         self.members["gapkit/bundle.json"] = json.dumps(record).encode()
 
     def write(self, path: Path, before: Iterable[Part] = (),
-              replace: dict[str, list[Part]] | None = None) -> Path:
+              replace: Mapping[str, Sequence[Part]] | None = None) -> Path:
         """The bundle at `path`: `before`, the members (some replaced by raw parts), `extra`."""
         parts: list[Part] = list(before)
         for name, data in self.members.items():
@@ -195,16 +195,13 @@ class Bundle:
         return write_tar(path, [*parts, *self.extra])
 
 
-Maker = Callable[[Bundle, Path], "Hostile"]
-
-
 @dataclass(frozen=True)
 class Hostile:
     """A hostile bundle and what every command must say about it."""
 
     path: Path
-    #: Text each refusal must contain (a member name, a digest, the limit).
-    culprit: str
+    #: Texts each refusal must contain (a member name, a digest, the limit).
+    culprit: tuple[str, ...]
     #: The tar itself is refused at open: every command, `copy oci-archive:` and serve included.
     at_open: bool = False
     #: Refused by the bundle reader (inspect, export, serve) but not by `copy oci-archive:`,
