@@ -590,6 +590,15 @@ def cluster_up_command(
         ui.render_cluster_up(report)
 
 
+# typer 0.29 and later carry click inside (typer._click) with exceptions of their own; older
+# ones raise click's. Both kinds are caught, so a bad flag is a usage error either way.
+_EXITS: tuple[type[Exception], ...] = (click.exceptions.Exit, typer.Exit)
+_INTERRUPTS: tuple[type[BaseException], ...] = (
+    KeyboardInterrupt, click.exceptions.Abort, typer.Abort)
+_USAGE_ERRORS: tuple[type[Exception], ...] = (
+    click.ClickException, getattr(typer, "TyperException", click.ClickException))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into messages and exit codes."""
     try:
@@ -597,12 +606,16 @@ def main(argv: list[str] | None = None) -> None:
     except GapkitError as exc:
         ui.error(exc.message, exc.hint)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
+    except _EXITS as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except _USAGE_ERRORS as exc:
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            ui.error(str(exc))
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except _INTERRUPTS:
         ui.error("interrupted; what was complete is kept, run the command again to finish")
         sys.exit(130)
     except Exception as exc:  # any other exception is a bug in gapkit

@@ -159,6 +159,24 @@ def test_bad_input_gets_a_clear_error_and_no_traceback(args: list[str], code: in
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["copy", "--jobs", "x", "oci:/x:y", "oci:/tmp/x"], "Invalid value for '--jobs'"),
+        (["copy", "--retries", "-1", "oci:/x:y", "oci:/tmp/x"], "--retries"),
+        (["bundle", "inspect", "a.tar", "b.tar"], "unexpected extra argument"),
+        (["copy", "--no-such-flag", "oci:/x:y", "oci:/tmp/x"], "No such option"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_a_flag_the_parser_refuses_is_a_usage_error_not_an_internal_one(
+        args: list[str], message: str) -> None:
+    out = gapkit(*args, check=False)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "internal error" not in out.stderr and "Traceback" not in out.stderr
+
+
 def test_missing_image_is_not_found(registry: Registry, tmp_path: Path) -> None:
     out = gapkit("copy", "--plain-http", registry.host, f"docker://{registry.host}/no/such:1",
                  f"oci:{tmp_path / 'd'}", check=False)
