@@ -626,7 +626,7 @@ class RegistryStore:
             try:
                 doc = json.loads(body)
                 page = doc.get("tags") or []
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 raise RegistryError(f"registry {ep.name()} answered {what} with something "
                                     "other than a tag list") from None
             found.update(str(t) for t in page)
@@ -1118,7 +1118,7 @@ class RegistryStore:
             doc = json.loads(raw)
             value = doc.get("token") or doc.get("access_token")
             lifetime = float(doc.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             value, lifetime = None, 0.0
         if not isinstance(value, str) or not value:
             raise AuthError(f"the token server {url.origin()} of {ep.name()} sent no token "
@@ -1356,7 +1356,7 @@ async def _error_body(resp: aiohttp.ClientResponse) -> str:
 def _oci_errors(body: str) -> list[dict[str, Any]]:
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # JSON nested too deep for Python's parser
         return []
     errors = doc.get("errors") if isinstance(doc, dict) else None
     return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []

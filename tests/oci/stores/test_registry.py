@@ -830,3 +830,38 @@ async def test_https_goes_through_the_proxy_by_connect_with_the_ca_file(
         assert f"CONNECT {host}" in log.read_text()
     finally:
         reg.stop()
+
+
+async def test_json_nested_too_deep_from_a_hostile_registry_is_a_clear_error() -> None:
+    """A stand-in for a hostile registry (no real registry sends this): tag lists and error
+    bodies nested 100 000 deep, past what Python's JSON parser can take."""
+    from aiohttp import web
+
+    deep = "[" * 100_000 + "]" * 100_000
+
+    async def tags(request: web.Request) -> web.Response:
+        return web.Response(text=deep, content_type="application/json")
+
+    async def missing(request: web.Request) -> web.Response:
+        return web.Response(status=404, text=deep, content_type="application/json")
+
+    async def ping(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/v2/", ping)
+    app.router.add_get("/v2/evil/app/tags/list", tags)
+    app.router.add_get("/v2/evil/app/manifests/{ref}", missing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    store = plain(f"127.0.0.1:{port}")
+    try:
+        with pytest.raises(RegistryError, match="other than a tag list"):
+            await store.tags(Repository.parse(f"127.0.0.1:{port}/evil/app"))
+        with pytest.raises(NotFound):
+            await store.get_manifest(Reference.parse(f"127.0.0.1:{port}/evil/app:1"))
+    finally:
+        await store.close()
+        await runner.cleanup()
