@@ -201,6 +201,16 @@ def backup_path(path: PurePosixPath, stamp: str) -> PurePosixPath:
     return path.with_name(f"{path.name}{BACKUP_SUFFIX}{stamp}")
 
 
+async def _free_backup_path(path: PurePosixPath, stamp: str, runner: Runner) -> PurePosixPath:
+    """`backup_path`, or with `-2`, `-3`... when a backup of that second is there already (an
+    earlier run in the same second): a backup is never replaced."""
+    backup, n = backup_path(path, stamp), 1
+    while await runner.read_file(backup) is not None:
+        n += 1
+        backup = backup_path(path, f"{stamp}-{n}")
+    return backup
+
+
 def pending_path(command: Command) -> PurePosixPath | None:
     """Where `apply` notes that `command` is still to run: beside its first `when_changed`
     file, written before that file and removed once the command succeeded."""
@@ -256,17 +266,18 @@ async def apply(plan: Plan, runner: Runner) -> ApplyReport:
     done: list[tuple[FileWrite, PurePosixPath | None]] = []
     stray: PurePosixPath | None = None  # a backup written for a file whose write then failed
     commands = plan.commands_to_run()
-    markers = {c.when_changed[0]: m for c in commands
-               if c.only_if_changed and (m := pending_path(c)) is not None}
-    written_markers: list[PurePosixPath] = []
+    # Noted before the file is written, removed once the command succeeded (`resume_pending`).
+    markers = {c.when_changed[0]: (m, f"`{c}` is still to run ({c.when_changed[0]} changed)\n")
+               for c in commands if c.only_if_changed and (m := pending_path(c)) is not None}
+    written_markers: dict[PurePosixPath, PurePosixPath] = {}  # file -> its marker
     try:
         for write in plan.writes:
             if not write.changed:
                 continue
-            marker = markers.pop(write.path, None)
-            if marker is not None:
-                await runner.write_file(marker, b"", 0o644)
-                written_markers.append(marker)
+            if write.path in markers:
+                marker, text = markers.pop(write.path)
+                await runner.write_file(marker, text.encode(), 0o644)
+                written_markers[write.path] = marker
             current = await runner.read_file(write.path)
             if current != write.old:
                 raise NodeError(
@@ -274,7 +285,7 @@ async def apply(plan: Plan, runner: Runner) -> ApplyReport:
                     hint="run the command again to plan from what is there now")
             backup = None
             if current is not None:
-                backup = backup_path(write.path, stamp)
+                backup = await _free_backup_path(write.path, stamp, runner)
                 await runner.write_file(backup, current, 0o600)
                 stray = backup
             await runner.write_file(write.path, write.content, write.mode)
@@ -284,13 +295,17 @@ async def apply(plan: Plan, runner: Runner) -> ApplyReport:
             if backup is not None:
                 report.backups.append(backup)
     except NodeError as exc:
-        if stray is not None:  # first: on a full disk, its room is what putting back needs
+        # First what is no longer needed: on a full disk, its room is what putting back needs.
+        written = {w.path for w, _ in done}
+        unneeded = [m for f, m in written_markers.items() if f not in written]
+        for extra in [stray, *unneeded] if stray is not None else unneeded:
             with contextlib.suppress(NodeError):
-                await runner.remove_file(stray)
+                await runner.remove_file(extra)
         left = await _roll_back(done, runner)
-        for marker in written_markers:
-            with contextlib.suppress(NodeError):
-                await runner.remove_file(marker)
+        if not left:  # else a file that could not be put back keeps its marker
+            for extra in [m for f, m in written_markers.items() if f in written]:
+                with contextlib.suppress(NodeError):
+                    await runner.remove_file(extra)
         if left:
             raise NodeError(exc.message + "; could not put back: " + "; ".join(left),
                             hint="restore those files from their backups by hand, or "

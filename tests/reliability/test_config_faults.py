@@ -437,3 +437,29 @@ def test_a_failed_restart_runs_again_on_the_rerun(
     assert microk8s.restarts() == 1
     third = configure(root, *PROXY)
     assert "nothing to change" in third.stdout and microk8s.restarts() == 1
+
+
+# -- an earlier backup ---------------------------------------------------------------------------
+
+
+def test_a_backup_from_an_earlier_run_in_the_same_second_is_never_overwritten(
+        tmp_path: Path, microk8s: StandInMicroK8s) -> None:
+    """Backups are named by the second (`.gapkit-backup-YYYYmmddTHHMMSSZ`); two runs within one
+    second (a script configuring one mirror, then another) must not replace the first run's
+    backup, the only copy of MicroK8s' file. Backups named for every second of the next ten are
+    there before the run: each stays as it was, and the run's own backup is a new name."""
+    root = tmp_path / "node"
+    populate(root)
+    hosts = root / CERTS / "docker.io/hosts.toml"
+    original = hosts.read_bytes()
+    now = time.time()
+    earlier = {hosts.with_name(hosts.name + ".gapkit-backup-" + time.strftime(
+        "%Y%m%dT%H%M%SZ", time.gmtime(now + s))): f"backup {s}\n".encode() for s in range(10)}
+    for path, content in earlier.items():
+        path.write_bytes(content)
+    assert configure(root, "--mirror", "http://10.0.0.5:5000", "--registries",
+                     "docker.io").returncode == 0
+    for path, content in earlier.items():
+        assert path.read_bytes() == content
+    backups = [p.read_bytes() for p in hosts.parent.glob("hosts.toml.gapkit-backup-*")]
+    assert backups.count(original) == 1 and len(backups) == len(earlier) + 1
