@@ -1,17 +1,21 @@
-"""`gapkit node configure` when the disk fills up, a folder is read-only, or gapkit is killed
-between two files (issue 7, item 5).
+"""`gapkit node configure` when the disk fills up, a folder is read-only, gapkit is killed
+part-way, or the restart fails (issue 7, item 5).
 
 Everything is real except `snap`/`microk8s` (the stand-ins of tests/support/microk8s.py, which
-record `snap restart microk8s`): the node root sits on a small tmpfs filled to leave an exact
-number of pages free, or on bind mounts remounted read-only (tests/support/mounts.py, always
-unmounted), and the kill is a real SIGKILL of the gapkit process, sent while gapkit is blocked
-reading a file it is about to replace (a FIFO stands at that path, so the kill point is set by
-which file gapkit has reached, not by timing).
+record `snap restart microk8s`, and one `snap` whose snapd is busy): the node root sits on a
+small tmpfs filled to leave an exact number of pages free, or on bind mounts remounted read-only
+(tests/support/mounts.py, always unmounted). A kill is a real SIGKILL of the gapkit process:
+gapkit is first stopped where apply checks a file it is about to replace (a FIFO stands at that
+path, so the point is set by which file gapkit has reached, not by timing), then killed there,
+or at its next fsync or pipe2 by `strace` attached to it (`inject=SYSCALL:signal=SIGKILL`).
 
 What the plan promises (gapkit/node/plan.py): each file is replaced atomically after its backup
-is written; when a write fails, the files written before are put back and their backups removed,
-so a failed run leaves the node as it found it. After a kill nothing can be put back: the files
-before the kill point are new (with their backups), the rest old, and a rerun converges.
+is written, and no backup is ever replaced; when a write fails, the files written before are put
+back and their backups (and the folders made for them) removed, so a failed run leaves the node
+as it found it. After a kill nothing can be put back: the files before the kill point are new
+(with their backups), the rest old, and a rerun converges: it removes the temp file a kill
+mid-write leaves, and runs the restart a kill or a failure kept from running (the
+`containerd-env.gapkit-pending` marker).
 """
 
 from __future__ import annotations
@@ -339,11 +343,13 @@ def test_killed_between_files_the_earlier_files_are_new_with_backups_and_a_rerun
             assert now == before[path] and backups == [], path
     assert temp_files(root) == []
     assert microk8s.restarts() == 0
+    assert (root / ARGS / "containerd-env.gapkit-pending").exists() == (kill_at == ENV)
 
     rerun = configure(root, *many_files(ca))
     assert rerun.returncode == 0, rerun.stderr
     assert "already as wanted" in rerun.stdout or killed == 1
     assert microk8s.restarts() == 1
+    assert not (root / ARGS / "containerd-env.gapkit-pending").exists()
     for path in ORDER:
         backups = list((root / path).parent.glob(path.name + ".gapkit-backup-*"))
         assert [b.read_bytes() for b in backups] == ([] if before[path] is None else [before[path]])
@@ -408,6 +414,7 @@ def test_killed_after_the_files_before_the_restart_the_rerun_restarts(
     assert rerun.returncode == 0, rerun.stderr
     assert "$ snap restart microk8s" in rerun.stdout and "did not run" in rerun.stdout
     assert microk8s.restarts() == 1
+    assert not (root / ARGS / "containerd-env.gapkit-pending").exists()
     done = state(root)
     again = configure(root, *many_files(ca))
     assert "nothing to change" in again.stdout and microk8s.restarts() == 1
