@@ -3,7 +3,8 @@
 As in pyinfra and Terraform, node functions read the current state (through a `Runner`) and
 return a `Plan`; nothing is changed while planning. A plan prints as a unified diff
 (`--dry-run`), and `apply()` carries it out through the same runner: each file is written
-atomically (temp file, fsync, rename) after its previous content is backed up, and commands
+atomically (temp file, fsync, rename) after its previous content is backed up (beside it, as
+`NAME.gapkit-backup-STAMP`; a backup is never replaced), and commands
 marked `only_if_changed` run only when a file really changed (or, with `when_changed`, only
 when one of the named files changed), so applying a plan twice changes nothing the second time
 and says so. If a write fails, the files already written are put back as they were (and their
