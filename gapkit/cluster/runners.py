@@ -242,9 +242,12 @@ class SSHRunner:
                 if isinstance(stdin, Path):
                     result = await self.conn.run(line, stdin=stdin, encoding=None, check=False,
                                                  timeout=limit)
-                else:
+                elif stdin:
                     result = await self.conn.run(line, input=stdin, encoding=None, check=False,
                                                  timeout=limit)
+                else:  # asyncssh never closes an empty `input`: the command would wait for it
+                    result = await self.conn.run(line, stdin=asyncssh.DEVNULL, encoding=None,
+                                                 check=False, timeout=limit)
         except asyncssh.TimeoutError as exc:
             printed = _text(exc.stdout) + _text(exc.stderr)
             raise self._error(step, f"no answer within {limit:g} s; stopped", output=printed,

@@ -85,6 +85,9 @@ async def test_write_file_is_atomic_and_lands_in_the_nodes_own_files(
             first = os.stat(two.node("node1").path(str(path)))
             await node.write_file(path, b"two\n", 0o644)
             assert await node.read_file(path) == b"two\n"
+            await asyncio.wait_for(node.write_file(path, b"", 0o644), 30)  # hung once
+            assert await node.read_file(path) == b""
+            await node.write_file(path, b"two\n", 0o644)
             assert await node.list_dir(path.parent) == ["containerd-env"]  # no temp file left
             with pytest.raises(NodeStepError, match=r"node1: read .*args: it is a folder"):
                 await node.read_file(path.parent)
