@@ -46,7 +46,7 @@ class LayoutStore:
         """Open (or create) the layout at `root`.
 
         `durable=False` skips the fsyncs, for a cache whose content is checked again when it
-        is read (the bundle cache: every blob passes a `VerifiedStream` on its way out).
+        is used (the bundle cache: what an earlier run left there is hashed again).
         """
         self.root = Path(root)
         self.durable = durable
@@ -67,8 +67,8 @@ class LayoutStore:
                     hint="choose an empty or new folder for the layout",
                 )
             self.blobs.mkdir(parents=True, exist_ok=True)
-            atomic_write(marker, OCI_LAYOUT_CONTENT)
-            atomic_write(self.root / "index.json", self._index_bytes([]))
+            atomic_write(marker, OCI_LAYOUT_CONTENT, durable=self.durable)
+            atomic_write(self.root / "index.json", self._index_bytes([]), durable=self.durable)
         self.blobs.mkdir(parents=True, exist_ok=True)
         self._remove_stale_partials()
 
@@ -148,11 +148,12 @@ class LayoutStore:
                        if not any(same_name(name, ref) for name in entry_names(e.annotations))]
             entries.append(manifest.descriptor(annotations=naming_annotations(ref)))
             await asyncio.to_thread(
-                atomic_write, self.root / "index.json", self._index_bytes(entries))
+                atomic_write, self.root / "index.json", self._index_bytes(entries), 0o644,
+                self.durable)
             self._entries = entries
 
     def _write_blob_bytes(self, path: Path, data: bytes) -> None:
-        atomic_write(path, data, mode=0o644)
+        atomic_write(path, data, mode=0o644, durable=self.durable)
 
     # -- blobs --------------------------------------------------------------------------------
 
