@@ -81,19 +81,14 @@ class Source:
 
     async def locate(self, digest: Digest) -> BlobLocation | None:
         """Where the blob's bytes are, or None when the source lacks them."""
-        if isinstance(self.store, ArchiveStore):
-            found = await self.store.blob_location(digest)
-            return None if found is None else BlobLocation(*found)
-        assert isinstance(self.store, LayoutStore)
-        folder = self.store.root / "blobs" / digest.algorithm
-        path = folder / digest.hex  # digest.hex is validated hex: no separators, no '..'
-        try:
-            info = path.lstat()
-        except OSError:
+        store = self.store
+        assert isinstance(store, (ArchiveStore, LayoutStore))
+        found = await store.blob_location(digest)
+        if found is None:
             return None
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        return BlobLocation(path, 0, info.st_size, own_file=True)
+        path, offset, size = found
+        # A layout's blob is a file of its own (a regular file, never a link: see LayoutStore).
+        return BlobLocation(path, offset, size, own_file=isinstance(store, LayoutStore))
 
     async def close(self) -> None:
         await self.store.close()

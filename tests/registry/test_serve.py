@@ -105,13 +105,16 @@ class Served:
             if self.process.poll() is not None:
                 raise AssertionError(f"serve exited with {self.process.returncode}:\n{self.log()}")
             try:
+                # Listening comes first, then the banner; its last line says it is all there.
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    break
+                    if "Ctrl-C stops the server" in self.log():
+                        break
             except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError(f"serve did not listen in {timeout}s:\n{self.log()}") from None
-                time.sleep(0.05)
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"serve did not start in {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
         if self.tls and self.ca is None:
             self.ca = self.folder / "state" / "ca.crt"
         return self
