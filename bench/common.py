@@ -281,6 +281,17 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def compile_gapkit() -> None:
+    """Byte-compile gapkit once, as `pip install` does. With PYTHONDONTWRITEBYTECODE set (as on
+    these machines) an editable install would otherwise compile every module at every start,
+    and each gapkit run would pay for it."""
+    import compileall
+
+    import gapkit
+
+    compileall.compile_dir(str(Path(gapkit.__file__).parent), quiet=1)
+
+
 @contextmanager
 def workload_setup(size_mb: float, *, big_layer_mb: int = 0, tmp: Path | None = None,
                    keep: bool = False) -> Iterator[Setup]:
@@ -289,6 +300,7 @@ def workload_setup(size_mb: float, *, big_layer_mb: int = 0, tmp: Path | None = 
     On leaving (also on failure, Ctrl-C or SIGTERM) the registry is stopped by its PID and the
     temp folder removed, unless `keep`.
     """
+    compile_gapkit()
     folder = Path(tempfile.mkdtemp(prefix="gapkit-bench-", dir=tmp))
     source = Registry(folder / "src-registry")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
