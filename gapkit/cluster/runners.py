@@ -60,6 +60,7 @@ _WRITE = (
     'cat > "$t"; chmod "$3" "$t"; sync "$t" 2>/dev/null || true; mv -f -- "$t" "$1"; trap - EXIT; '
     'sync "$d" 2>/dev/null || true')
 _LIST = 'test -d "$1" || exit 20; cd -- "$1" && ls -A1'
+_MODE = 'test -e "$1" || exit 20; exec stat -c %a -- "$1"'
 #: $1 uploaded file, $2 temp name beside the target, $3 target, $4 mode, $5 expected sha256.
 _FINISH = (
     'set -e; mkdir -p -- "$(dirname -- "$3")"; '
@@ -317,6 +318,18 @@ class SSHRunner:
                                         f"remove {path}")
         if code != 0:
             raise self._error(f"remove {path}", f"cannot remove it: {_text(err).strip()}")
+
+    async def file_mode(self, path: PurePosixPath) -> int | None:
+        code, out, err = await self._exec(["sh", "-c", _MODE, "sh", str(path)], None, None,
+                                          f"mode of {path}")
+        if code == _MISSING:
+            return None
+        try:
+            if code != 0:
+                raise ValueError
+            return int(_text(out).strip(), 8)
+        except ValueError:
+            raise self._error(f"mode of {path}", f"stat failed: {_text(err).strip()}") from None
 
     async def list_dir(self, path: PurePosixPath) -> list[str] | None:
         code, out, err = await self._exec(["sh", "-c", _LIST, "sh", str(path)], None, None,

@@ -30,6 +30,7 @@ import difflib
 import errno
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -171,6 +172,10 @@ class Runner(Protocol):
         """Remove the file; a file that is not there is no error."""
         ...
 
+    async def file_mode(self, path: PurePosixPath) -> int | None:
+        """The file's permission bits (0o644), or None when it does not exist."""
+        ...
+
     async def list_dir(self, path: PurePosixPath) -> list[str] | None:
         """Names in the folder, sorted; None when it does not exist."""
         ...
@@ -232,21 +237,32 @@ async def resume_pending(plan: Plan, runner: Runner) -> None:
                               "(killed, or it failed): it runs now")
 
 
-async def _roll_back(done: list[tuple[FileWrite, PurePosixPath | None]], runner: Runner) -> list[str]:
-    """Put back what `apply` wrote; what could not be put back, as messages.
+@dataclass(frozen=True)
+class _Written:
+    """A file `apply` wrote: what it was (`write.old`, `old_mode`) and where its backup is."""
+
+    write: FileWrite
+    backup: PurePosixPath | None
+    old_mode: int | None
+
+
+async def _roll_back(done: list[_Written], runner: Runner) -> list[str]:
+    """Put back what `apply` wrote, with its old content and mode; what could not be put back,
+    as messages.
 
     Created files go first, newest first: removing them frees room on a full disk for putting
     the replaced ones back (each needs a temp copy of its old content).
     """
     left = []
-    created = [(w, b) for w, b in reversed(done) if w.old is None]
-    replaced = [(w, b) for w, b in reversed(done) if w.old is not None]
-    for write, backup in created + replaced:
+    created = [d for d in reversed(done) if d.write.old is None]
+    replaced = [d for d in reversed(done) if d.write.old is not None]
+    for write, backup, old_mode in ((d.write, d.backup, d.old_mode) for d in created + replaced):
         try:
             if write.old is None:
                 await runner.remove_file(write.path)
             else:
-                await runner.write_file(write.path, write.old, write.mode)
+                mode = old_mode if old_mode is not None else write.mode
+                await runner.write_file(write.path, write.old, mode)
             if backup is not None:
                 await runner.remove_file(backup)
         except NodeError as exc:
@@ -264,7 +280,7 @@ async def apply(plan: Plan, runner: Runner) -> ApplyReport:
     """
     report = ApplyReport(plan.node)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    done: list[tuple[FileWrite, PurePosixPath | None]] = []
+    done: list[_Written] = []
     stray: PurePosixPath | None = None  # a backup written for a file whose write then failed
     commands = plan.commands_to_run()
     # Noted before the file is written, removed once the command succeeded (`resume_pending`).
@@ -284,20 +300,21 @@ async def apply(plan: Plan, runner: Runner) -> ApplyReport:
                 raise NodeError(
                     f"{plan.node}: {write.path} changed while gapkit was planning",
                     hint="run the command again to plan from what is there now")
-            backup = None
+            backup, old_mode = None, None
             if current is not None:
+                old_mode = await runner.file_mode(write.path)
                 backup = await _free_backup_path(write.path, stamp, runner)
                 await runner.write_file(backup, current, 0o600)
                 stray = backup
             await runner.write_file(write.path, write.content, write.mode)
             stray = None
-            done.append((write, backup))
+            done.append(_Written(write, backup, old_mode))
             report.written.append(write.path)
             if backup is not None:
                 report.backups.append(backup)
     except NodeError as exc:
         # First what is no longer needed: on a full disk, its room is what putting back needs.
-        written = {w.path for w, _ in done}
+        written = {d.write.path for d in done}
         unneeded = [m for f, m in written_markers.items() if f not in written]
         for extra in [stray, *unneeded] if stray is not None else unneeded:
             with contextlib.suppress(NodeError):
@@ -404,6 +421,14 @@ class LocalRunner:
             except OSError:
                 return
             self.made.remove(folder)
+
+    async def file_mode(self, path: PurePosixPath) -> int | None:
+        try:
+            return stat.S_IMODE((await asyncio.to_thread(os.stat, self.local(path))).st_mode)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise NodeError(f"{self.name}: cannot read the mode of {path}: {exc.strerror}") from None
 
     async def list_dir(self, path: PurePosixPath) -> list[str] | None:
         try:

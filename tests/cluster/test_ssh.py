@@ -80,8 +80,10 @@ async def test_write_file_is_atomic_and_lands_in_the_nodes_own_files(
     with two.from_jump():
         async with runner(inv, "node1") as node:
             assert await node.read_file(path) is None
+            assert await node.file_mode(path) is None
             assert await node.list_dir(path.parent) is None
             await node.write_file(path, b"one\n", 0o600)
+            assert await node.file_mode(path) == 0o600
             first = os.stat(two.node("node1").path(str(path)))
             await node.write_file(path, b"two\n", 0o644)
             assert await node.read_file(path) == b"two\n"

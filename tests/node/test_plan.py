@@ -79,3 +79,23 @@ async def test_an_unwritable_folder_is_a_clear_error_and_leaves_the_file(
         await apply(plan, LocalRunner(None))
     assert (read_only_folder / "f").read_bytes() == b"old\n"
     assert sorted(p.name for p in read_only_folder.iterdir()) == ["f"]
+
+
+async def test_a_file_put_back_gets_its_old_mode_not_the_new_files(tmp_path: Path) -> None:
+    """A 0600 file (it held a password) that a failed apply had replaced by a 0644 one must not
+    come back readable by everyone."""
+    runner = LocalRunner(tmp_path)
+    secret = PurePosixPath("/etc/containerd/certs.d/docker.io/hosts.toml")
+    other = PurePosixPath("/etc/containerd/certs.d/quay.io/hosts.toml")
+    for path, mode in ((secret, 0o600), (other, 0o644)):
+        runner.local(path).parent.mkdir(parents=True)
+        runner.local(path).write_bytes(b"old\n")
+        runner.local(path).chmod(mode)
+    plan = Plan("node1", [FileWrite(secret, b"new\n", b"old\n", mode=0o644),
+                          FileWrite(other, b"new\n", b"old\n", mode=0o644)])
+    runner.local(other).write_bytes(b"changed meanwhile\n")  # the second write fails
+    with pytest.raises(NodeError, match="were put back"):
+        await apply(plan, runner)
+    assert runner.local(secret).read_bytes() == b"old\n"
+    assert runner.local(secret).stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in runner.local(secret).parent.iterdir()) == ["hosts.toml"]
