@@ -272,7 +272,10 @@ class _Copier:
                         await self.destination.put_blob(dst_repo, desc, stream)
                         break
                     except UploadInterrupted:
-                        continue  # send it again; the destination bounds how many times
+                        # Sent again (the destination bounds how many times): its bytes so far
+                        # are taken back, so progress counts each blob once.
+                        self.on_event(BlobProgress(desc.digest, -stream.received))
+                        continue
                     finally:
                         await stream.aclose()
             if stream.received == 0 and desc.size > 0:

@@ -865,3 +865,35 @@ async def test_json_nested_too_deep_from_a_hostile_registry_is_a_clear_error() -
     finally:
         await store.close()
         await runner.cleanup()
+
+
+async def test_a_blob_sent_again_after_a_broken_upload_counts_once_in_the_progress(
+        registry: Registry, layout: tuple[Path, dict[str, str]],
+        proxies: Callable[..., Awaitable[FaultProxy]]) -> None:
+    from gapkit.oci.copy import BlobProgress, CopyEvent, CopyRequest, copy
+    from gapkit.oci.stores.layout import LayoutStore
+
+    root, _ = layout
+    proxy = await proxies(registry)
+    proxy.add(Fault("reset", method="PATCH", path="/blobs/uploads/", after=1_000_000))
+    progress: dict[str, int] = {}
+
+    def on_event(event: CopyEvent) -> None:
+        if isinstance(event, BlobProgress):
+            progress[str(event.digest)] = progress.get(str(event.digest), 0) + event.nbytes
+
+    source = LayoutStore(root, create=False)
+    store = plain(proxy.host)
+    try:
+        app = Reference.parse("app")
+        report = await copy(source, store, [CopyRequest(app, Reference.parse(
+            f"{proxy.host}/team/app:1"))], on_event=on_event)
+    finally:
+        await store.close()
+        await source.close()
+    assert proxy.faults[0].fired == 1
+    manifest = await LayoutStore(root, create=False).get_manifest(app)
+    big = max(manifest.layers, key=lambda d: d.size)
+    assert big.size > 1_000_000  # streamed, and cut part-way by the reset
+    assert progress[str(big.digest)] == big.size
+    assert report.bytes_copied == sum(progress.values())
