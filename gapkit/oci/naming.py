@@ -10,6 +10,7 @@ full containerd name) are found too.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from gapkit.errors import InvalidReference
@@ -26,13 +27,19 @@ def entry_names(annotations: Mapping[str, str] | object) -> list[Reference]:
         text = annotations.get(key)
         if not text:
             continue
-        try:
-            ref = Reference.parse(str(text))
-        except InvalidReference:
-            continue
-        if ref.digest is None and ref not in names:
+        ref = _parse_name(str(text))
+        if ref is not None and ref.digest is None and ref not in names:
             names.append(ref)
     return names
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse_name(text: str) -> Reference | None:
+    """Names are looked up again and again (each entry, each lookup): parse each one once."""
+    try:
+        return Reference.parse(text)
+    except InvalidReference:
+        return None
 
 
 def same_name(a: Reference, b: Reference) -> bool:

@@ -26,7 +26,7 @@ from gapkit.oci.model import (
     Digest,
     Manifest,
 )
-from gapkit.oci.naming import entry_names, naming_annotations, same_name
+from gapkit.oci.naming import entry_names, naming_annotations
 from gapkit.oci.reference import Reference, Repository
 from gapkit.oci.stores.base import CHUNK_SIZE
 from gapkit.oci.stream import THREAD_HASH_THRESHOLD, VerifiedStream
@@ -53,6 +53,10 @@ class LayoutStore:
         self.blobs = self.root / "blobs" / "sha256"
         self._index_lock = asyncio.Lock()
         self._entries: list[Descriptor] | None = None
+        self._by_name: dict[tuple[Repository, str | None], list[Descriptor]] | None = None
+        #: Changes made to `_entries`, and how many of them index.json holds (`_write_index`).
+        self._index_changes = 0
+        self._index_written = 0
         self._dirty_dirs = False
         marker = self.root / OCI_LAYOUT_FILE
         if not marker.exists():
@@ -89,6 +93,19 @@ class LayoutStore:
             self._entries = list(manifest.manifests)
         return self._entries
 
+    def _named(self) -> dict[tuple[Repository, str | None], list[Descriptor]]:
+        """Index entries by the (repository, tag) of each name they have, in index order."""
+        if self._by_name is None:
+            self._by_name = {}
+            for entry in self._load_entries():
+                self._add_names(entry)
+        return self._by_name
+
+    def _add_names(self, entry: Descriptor) -> None:
+        if self._by_name is not None:
+            for name in entry_names(entry.annotations):
+                self._by_name.setdefault((name.repository, name.tag), []).append(entry)
+
     @staticmethod
     def _index_bytes(entries: list[Descriptor]) -> bytes:
         doc: dict[str, Any] = {
@@ -100,10 +117,8 @@ class LayoutStore:
 
     def _find(self, ref: Reference) -> Descriptor:
         if ref.tag is not None:
-            for entry in self._load_entries():
-                if any(same_name(name, ref) for name in entry_names(entry.annotations)):
-                    if ref.digest is not None and entry.digest != ref.digest:
-                        continue
+            for entry in self._named().get((ref.repository, ref.tag), ()):
+                if ref.digest is None or entry.digest == ref.digest:
                     return entry
         if ref.digest is not None:
             for entry in self._load_entries():
@@ -143,14 +158,31 @@ class LayoutStore:
             await asyncio.to_thread(self._write_blob_bytes, path, manifest.raw)
         if ref.tag is None:
             return
+        entries, named = self._load_entries(), self._named()
+        replaced = named.get((ref.repository, ref.tag))
+        if replaced:  # the name moves to the new manifest
+            self._entries = entries = [e for e in entries if not any(e is r for r in replaced)]
+            self._by_name = None
+        entry = manifest.descriptor(annotations=naming_annotations(ref))
+        entries.append(entry)
+        self._add_names(entry)
+        self._index_changes += 1
+        await self._write_index(self._index_changes)
+
+    async def _write_index(self, change: int) -> None:
+        """Return once index.json holds every change up to number `change`.
+
+        A group commit: the changes made while one write is under way go to disk together in
+        the next, so naming N images at once costs a few writes of index.json, not N (each
+        one all of it, fsynced).
+        """
         async with self._index_lock:
-            entries = [e for e in self._load_entries()
-                       if not any(same_name(name, ref) for name in entry_names(e.annotations))]
-            entries.append(manifest.descriptor(annotations=naming_annotations(ref)))
+            if self._index_written >= change:
+                return
+            latest, data = self._index_changes, self._index_bytes(self._load_entries())
             await asyncio.to_thread(
-                atomic_write, self.root / "index.json", self._index_bytes(entries), 0o644,
-                self.durable)
-            self._entries = entries
+                atomic_write, self.root / "index.json", data, 0o644, self.durable)
+            self._index_written = latest
 
     def _write_blob_bytes(self, path: Path, data: bytes) -> None:
         atomic_write(path, data, mode=0o644, durable=self.durable)

@@ -133,3 +133,31 @@ async def test_damaged_index_json_is_reported(source: Path) -> None:
     (source / "index.json").write_text("{not json")
     with pytest.raises(StoreError, match=r"index\.json is damaged"):
         await LayoutStore(source, create=False).images()
+
+
+async def test_thousands_of_names_at_once_all_reach_index_json_and_a_moved_tag_moves(
+        source: Path, tmp_path: Path) -> None:
+    """Names given at the same time share writes of index.json (a group commit); every one of
+    them must be on disk when its put returns, and a tag given again names the new manifest."""
+    import asyncio
+
+    src = LayoutStore(source, create=False)
+    app = await src.get_manifest(Reference.parse("app:v1"))
+    multi = await src.get_manifest(Reference.parse("multi:v1"))
+    dst = LayoutStore(tmp_path / "dst")
+    names = [Reference.parse(f"registry.example/team/app{i}:v1") for i in range(3000)]
+    await asyncio.gather(*(dst.put_manifest(name, app) for name in names))
+    await asyncio.gather(dst.put_manifest(names[7], multi),
+                         *(dst.put_manifest(Reference.parse(f"other.example/x:{i}"), app)
+                           for i in range(50)))
+    await dst.close()
+    again = LayoutStore(tmp_path / "dst", create=False)  # what index.json on disk says
+    images = await again.images()
+    assert len(images) == 3050
+    assert (await again.get_manifest(names[7])).digest == multi.digest
+    assert (await again.get_manifest(names[8])).digest == app.digest
+    index = json.loads((tmp_path / "dst" / "index.json").read_text())
+    moved = [m for m in index["manifests"]
+             if m["annotations"]["io.containerd.image.name"] == str(names[7])]
+    assert [m["digest"] for m in moved] == [str(multi.digest)]
+    assert not [p for p in (tmp_path / "dst").iterdir() if p.name.startswith(".")]
