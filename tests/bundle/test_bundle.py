@@ -222,7 +222,8 @@ def test_an_interrupted_build_restarts_without_fetching_finished_blobs(
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline:
-            big = [p for p in blobs.glob("*") if p.stat().st_size > 1_000_000] \
+            # Finished blobs only: a temp file (".…") may be renamed between glob and stat.
+            big = [p for p in blobs.glob("[!.]*") if p.stat().st_size > 1_000_000] \
                 if blobs.exists() else []
             if len(big) >= 2:
                 break
