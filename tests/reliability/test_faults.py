@@ -312,3 +312,23 @@ async def test_a_broken_token_answer_is_asked_for_again(kind: str, source: Sourc
         registry.stop()
         await proxy.stop()
         await server.stop()
+
+
+def test_a_server_that_accepts_and_never_answers_times_out_with_a_clear_error(
+        tmp_path: Path) -> None:
+    """A stand-in for a broken registry host: it accepts connections and never sends a byte."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.listen(64)
+    host = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:  # gapkit() fails the test if the command hangs past its timeout
+        out = gapkit("copy", "--plain-http", host, "--retries", "1", "--timeout", TIMEOUT,
+                     f"docker://{host}/{REPOSITORY}:{TAG}", f"oci:{tmp_path / 'layout'}",
+                     check=False, timeout=60)
+    finally:
+        listener.close()
+    assert out.returncode == 1, out.stderr
+    assert_no_traceback(out.stderr)
+    assert host in out.stderr and "did not answer" in out.stderr, out.stderr
+    assert dot_files(tmp_path) == []
