@@ -840,7 +840,7 @@ class RegistryStore:
         message = (f"the upload of blob {descriptor.digest} to {repository} at {ep.name()} "
                    f"broke: {reason}")
         if count > self.retries:
-            return RegistryError(f"{message} (again, after {self.retries} retries)",
+            return RegistryError(f"{message} (again, after {self._retries_said})",
                                  hint="check the network (and proxy) between here and the "
                                  "registry; run the command again")
         delay = exc.delay if isinstance(exc, _Broken) else None
@@ -856,6 +856,10 @@ class RegistryStore:
                 pass
         except (GapkitError, aiohttp.ClientError, asyncio.TimeoutError, OSError):
             pass
+
+    @property
+    def _retries_said(self) -> str:
+        return f"{self.retries} retr{'y' if self.retries == 1 else 'ies'}"
 
     # --- HTTP: auth, retries, redirects, errors --------------------------------------------
 
@@ -1164,7 +1168,7 @@ class RegistryStore:
                                  "logging in raises the limit")
         if status >= 500:
             return RegistryError(f"{where} failed {what} with HTTP {status} after "
-                                 f"{self.retries} retries ({detail})",
+                                 f"{self._retries_said} ({detail})",
                                  hint="the registry is in trouble; check its logs or try later")
         if status == 405 and method not in ("GET", "HEAD"):
             return RegistryError(f"{where} does not allow {what} (HTTP 405: {detail})",
@@ -1209,7 +1213,7 @@ class RegistryStore:
         if isinstance(exc, asyncio.TimeoutError):
             return RegistryError(
                 f"{where} did not answer {what} within {self.timeout:.0f} s "
-                f"(after {self.retries} retries)",
+                f"(after {self._retries_said})",
                 hint="check the network and proxy settings; a slow link may need a longer timeout")
         return RegistryError(f"talking to {where} for {what} failed after {self.retries} "
                              f"retries: {_describe(exc)}",
