@@ -277,13 +277,7 @@ class FaultProxy:
                     and sent + len(chunk) > fault.after:
                 async for piece in self._pass(chunk[:fault.after - sent], self.uploaded, path):
                     yield piece
-                if fault.kind == "stall":
-                    await asyncio.sleep(fault.seconds)
-                assert request.transport is not None
-                if fault.kind == "truncate":
-                    request.transport.close()
-                else:
-                    request.transport.abort()
+                await _break(request, fault)
                 raise _Dropped
             async for piece in self._pass(chunk, self.uploaded, path):
                 sent += len(piece)
@@ -377,13 +371,7 @@ class FaultProxy:
                 elif fault.kind in ("reset", "stall", "truncate"):
                     async for piece in self._pass(chunk[:cut], self.downloaded, path):
                         await response.write(piece)
-                    if fault.kind == "stall":
-                        await asyncio.sleep(fault.seconds)
-                    assert request.transport is not None
-                    if fault.kind == "truncate":
-                        request.transport.close()
-                    else:
-                        request.transport.abort()
+                    await _break(request, fault)
                     return response
             async for piece in self._pass(chunk, self.downloaded, path):
                 await response.write(piece)
@@ -427,3 +415,14 @@ def running(proxy: FaultProxy) -> Iterator[FaultProxy]:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=15)
             loop.close()
+
+
+async def _break(request: web.Request, fault: Fault) -> None:
+    """End a connection part-way: a stall first if asked, then FIN (truncate) or RST."""
+    if fault.kind == "stall":
+        await asyncio.sleep(fault.seconds)
+    assert request.transport is not None
+    if fault.kind == "truncate":
+        request.transport.close()
+    else:
+        request.transport.abort()
