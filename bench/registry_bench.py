@@ -300,18 +300,25 @@ class RegistryBench:
                 seen.setdefault(digest, (f"/v2/{image.repo}/blobs/{digest}?ns={upstream}", size))
         return sorted(seen.values(), key=lambda t: -t[1])[:count]
 
+    def _run_client(self, module: str, spec: str, log_name: str,
+                    server: Server) -> tuple[Sample, dict[str, Any]]:
+        """Run a client module (`python -m MODULE SPEC`) in a process of its own; its sample and
+        the JSON result it printed."""
+        log_file = self.logs.next(log_name)
+        out = log_file.with_suffix(".json")
+        sample = run_commands([[sys.executable, "-m", module, spec]], log_file,
+                              server=server,  # type: ignore[arg-type]
+                              stdout=out, cwd=REPO_ROOT)
+        return sample, json.loads(out.read_text())
+
     def blobs_contender(self, server: Server) -> Contender:
         targets = self.blob_targets()
         spec = json.dumps({"base": f"http://{server.host}", "clients": self.options.clients,
                            "seconds": self.options.blob_seconds, "targets": targets})
 
         def run() -> Sample:
-            log_file = self.logs.next(f"blobs-{server.key}")
-            out = log_file.with_suffix(".json")
-            sample = run_commands([[sys.executable, "-m", "bench.blob_clients", spec]], log_file,
-                                  server=server, stdout=out,  # type: ignore[arg-type]
-                                  cwd=REPO_ROOT)
-            result = json.loads(out.read_text())
+            sample, result = self._run_client("bench.blob_clients", spec, f"blobs-{server.key}",
+                                              server)
             if result["errors"] or not result["bytes"]:
                 raise BenchFailure(f"{server.label}: {result['errors']} failed requests, "
                                    f"{result['bytes']} bytes")
@@ -390,12 +397,8 @@ class RegistryBench:
                            "seconds": seconds, "targets": targets})
 
         def run() -> Sample:
-            log_file = self.logs.next(f"load-{server.key}")
-            out = log_file.with_suffix(".json")
-            sample = run_commands([[sys.executable, "-m", "tests.support.load", spec]], log_file,
-                                  server=server, stdout=out,  # type: ignore[arg-type]
-                                  cwd=REPO_ROOT)
-            result = json.loads(out.read_text())
+            sample, result = self._run_client("tests.support.load", spec, f"load-{server.key}",
+                                              server)
             if result["errors"] or not result["requests"]:
                 raise BenchFailure(f"{server.label}: {result['errors']} failed of "
                                    f"{result['requests']} requests: {result['error_samples'][:3]}")
