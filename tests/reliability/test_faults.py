@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import (
+from tests.support.cli import gapkit
+from tests.support.faults import Fault, FaultProxy
+from tests.support.peers import Registry
+from tests.support.reliability import (
     REPOSITORY,
     TAG,
     Source,
@@ -28,9 +31,6 @@ from tests.reliability.conftest import (
     dot_files,
     skopeo_reads,
 )
-from tests.support.cli import gapkit
-from tests.support.faults import Fault, FaultProxy
-from tests.support.peers import Registry
 
 RETRIES = "2"
 TIMEOUT = "1"

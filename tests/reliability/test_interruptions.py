@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import Source, dot_files, skopeo_reads
 from tests.support.cli import gapkit
 from tests.support.faults import Fault, FaultProxy
 from tests.support.images import ImageSpec, make_layer, write_layout
 from tests.support.peers import Registry
+from tests.support.reliability import Source, dot_files, skopeo_reads
 
 REPOSITORY = "demo/many"
 TAG = "v1"
