@@ -8,6 +8,11 @@ A bcrypt check costs tens of milliseconds and containerd sends the header with e
 so each accepted user:password pair is remembered (as a keyed hash, in memory, for this run);
 checks run in a worker thread so the server keeps serving meanwhile. Unknown users are checked
 against a dummy hash, so answers take as long for them as for known users.
+
+A client (by address) whose credentials failed `MAX_FAILURES` times within `FAILURE_WINDOW`
+seconds has any new credentials refused without a bcrypt check until the window has passed, so
+a password-guessing flood cannot take the server's CPU. The refusal is the same 401 as any
+other (it tells a guesser nothing), and credentials already accepted this run still pass at once.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +34,11 @@ _BCRYPT_PREFIXES = ("$2y$", "$2b$", "$2a$")
 _CACHE_LIMIT = 1024
 #: A user line or Authorization header longer than this is not real.
 MAX_CREDENTIALS = 4096
+#: Failed checks from one address within `FAILURE_WINDOW` seconds before it must wait.
+MAX_FAILURES = 10
+FAILURE_WINDOW = 10.0
+#: Addresses whose failures are remembered; past this the oldest are forgotten.
+_TRACKED_CLIENTS = 4096
 
 
 def _bcrypt() -> object:
@@ -58,6 +69,8 @@ class Htpasswd:
     _good: set[bytes] = field(default_factory=set)
     _key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     _dummy: bytes = b""
+    #: client address -> times of its recent failed checks (oldest first)
+    _failures: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> Htpasswd:
@@ -87,8 +100,9 @@ class Htpasswd:
                               next(iter(users.values()))[:29])
         return cls(path, users, _dummy=dummy)
 
-    async def check(self, header: str | None) -> bool:
-        """Whether `header` (the Authorization header) carries a known user and password."""
+    async def check(self, header: str | None, client: str = "") -> bool:
+        """Whether `header` (the Authorization header) carries a known user and password;
+        `client` is the sender's address (see the module doc on failures)."""
         credentials = _parse_basic(header)
         if credentials is None:
             return False
@@ -96,6 +110,10 @@ class Htpasswd:
         token = hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
         if token in self._good:
             return True
+        now = time.monotonic()
+        recent = [t for t in self._failures.get(client, ()) if now - t < FAILURE_WINDOW]
+        if len(recent) >= MAX_FAILURES:
+            return False
         hashed = self.users.get(user)
         ok = await asyncio.to_thread(_checkpw, password.encode(), hashed or self._dummy)
         ok = ok and hashed is not None
@@ -103,7 +121,15 @@ class Htpasswd:
             if len(self._good) >= _CACHE_LIMIT:
                 self._good.clear()
             self._good.add(token)
+        else:
+            self._failed(client, recent, now)
         return ok
+
+    def _failed(self, client: str, recent: list[float], now: float) -> None:
+        self._failures.pop(client, None)
+        if len(self._failures) >= _TRACKED_CLIENTS:
+            del self._failures[next(iter(self._failures))]  # the least recently failed
+        self._failures[client] = [*recent[-MAX_FAILURES:], now]
 
 
 def _checkpw(password: bytes, hashed: bytes) -> bool:

@@ -298,7 +298,8 @@ class RegistryServer:
             # every request gets the same answer. Several Authorization headers: refused, as
             # a proxy in front may have checked another one than this server would.
             authorization = request.headers.getall("Authorization", [])
-            if len(authorization) != 1 or not await self.htpasswd.check(authorization[0]):
+            if len(authorization) != 1 or not await self.htpasswd.check(
+                    authorization[0], request.remote or ""):
                 raise _Refusal(401, "UNAUTHORIZED", "authentication required",
                                headers={"WWW-Authenticate": challenge()})
         target = request.raw_path

@@ -402,7 +402,8 @@ def test_tls_auto_keeps_its_ca_and_renews_the_server_certificate_when_names_chan
 def test_basic_auth_lets_ctr_in_with_the_header_table_and_tells_nothing_without_it(
         bundle: BundleSource, tmp_path: Path, containerd: Containerd) -> None:
     htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_text("gapkit:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode() + "\n")
+    htpasswd.write_text("".join(f"{user}:{bcrypt.hashpw(pw, bcrypt.gensalt(4)).decode()}\n"
+                                for user, pw in (("gapkit", b"s3cret"), ("late", b"l4te"))))
     with serving(bundle.bundle, tmp_path / "serve", "--tls", "off",
                           "--htpasswd", str(htpasswd)) as served:
         hosts = write_hosts(tmp_path / "hosts", ["quay.io"], served.url,
@@ -425,6 +426,12 @@ def test_basic_auth_lets_ctr_in_with_the_header_table_and_tells_nothing_without_
         status, _, _ = served.request("/v2/_catalog",
                                       headers={"Authorization": basic("gapkit", "s3cret")})
         assert status == 200
+        # 8 failed logins from this address so far; 2 more and it must wait, even with a right
+        # password it never used (the same 401, no bcrypt), while known credentials still pass.
+        for _ in range(2):
+            assert served.request("/v2/", headers={"Authorization": basic("late", "x")})[0] == 401
+        assert served.request("/v2/", headers={"Authorization": basic("late", "l4te")})[0] == 401
+        assert served.request("/v2/", headers={"Authorization": basic("gapkit", "s3cret")})[0] == 200
 
 
 def test_serve_refuses_an_htpasswd_without_bcrypt(bundle: BundleSource, tmp_path: Path) -> None:
