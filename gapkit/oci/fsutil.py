@@ -39,7 +39,11 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = Tru
             tmp.unlink()
         raise
     if durable:
-        fsync_dir(path.parent)
+        # The file is replaced now: a failing folder fsync must not report the write as failed
+        # (a caller would then undo or forget what is done); only the new name's durability
+        # across a power loss is at risk.
+        with contextlib.suppress(OSError):
+            fsync_dir(path.parent)
 
 
 def pid_alive(pid: int) -> bool:

@@ -99,3 +99,23 @@ async def test_a_file_put_back_gets_its_old_mode_not_the_new_files(tmp_path: Pat
     assert runner.local(secret).read_bytes() == b"old\n"
     assert runner.local(secret).stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in runner.local(secret).parent.iterdir()) == ["hosts.toml"]
+
+
+async def test_a_failing_folder_fsync_after_the_rename_is_not_a_failed_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel error cannot be made to happen here, so fsync of a folder is made to fail:
+    the file is already replaced, so the apply must succeed and keep the backup."""
+    from gapkit.oci import fsutil
+
+    def failing(folder: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    runner = LocalRunner(tmp_path)
+    runner.local(ENV).parent.mkdir(parents=True)
+    runner.local(ENV).write_bytes(b"old\n")
+    plan = await plan_for(runner, b"new\n")
+    monkeypatch.setattr(fsutil, "fsync_dir", failing)
+    report = await apply(plan, runner)
+    assert runner.local(ENV).read_bytes() == b"new\n"
+    [backup] = report.backups
+    assert runner.local(backup).read_bytes() == b"old\n"
