@@ -338,8 +338,8 @@ class _UploadBody:
                     self.moved = time.monotonic()
                     yield view[start:start + _UPLOAD_PIECE]
             self.moved = time.monotonic()
-        except BaseException as exc:
-            self.error = exc
+        except Exception as exc:  # not CancelledError: aiohttp cancels the body when the
+            self.error = exc      # connection breaks, and that is a broken upload, not the source's
             raise
 
 
