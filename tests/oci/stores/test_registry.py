@@ -897,3 +897,34 @@ async def test_a_blob_sent_again_after_a_broken_upload_counts_once_in_the_progre
     assert big.size > 1_000_000  # streamed, and cut part-way by the reset
     assert progress[str(big.digest)] == big.size
     assert report.bytes_copied == sum(progress.values())
+
+
+async def test_an_upload_broken_while_its_source_is_being_read_is_sent_again(
+        registry: Registry, layout: tuple[Path, dict[str, str]],
+        proxies: Callable[..., Awaitable[FaultProxy]]) -> None:
+    """The source is a layout on a slow disk, so the connection breaks while the upload body is
+    waiting for the next chunk: aiohttp then cancels the body, and that must count as a broken
+    upload (sent again), not end the copy with a CancelledError (seen once in CI)."""
+    from gapkit.oci.copy import CopyRequest, copy
+    from gapkit.oci.stores.layout import LayoutStore
+
+    class SlowLayout(LayoutStore):
+        async def open_blob(self, repository: Repository, descriptor: Descriptor,
+                            offset: int = 0) -> AsyncIterator[bytes]:
+            async for chunk in super().open_blob(repository, descriptor, offset):
+                await asyncio.sleep(0.05)
+                yield chunk
+
+    root, _ = layout
+    proxy = await proxies(registry)
+    proxy.add(Fault("reset", method="PATCH", path="/blobs/uploads/", after=300_000))
+    source = SlowLayout(root, create=False)
+    store = plain(proxy.host)
+    target = Reference.parse(f"{proxy.host}/team/app:1")
+    try:
+        report = await copy(source, store, [CopyRequest(Reference.parse("app"), target)])
+        assert proxy.faults[0].fired == 1
+        assert (await store.get_manifest(target)).digest == report.images[0].digest
+    finally:
+        await store.close()
+        await source.close()
