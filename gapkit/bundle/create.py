@@ -41,6 +41,7 @@ from gapkit.oci.copy import (
     copy,
     gather_all,
 )
+from gapkit.oci.fsutil import file_digest
 from gapkit.oci.model import Digest, Platform
 from gapkit.oci.reference import Reference
 from gapkit.oci.stores.archive import ArchiveStore
@@ -173,20 +174,14 @@ class _CacheToBundle:
             if location is None:
                 return  # the final copy from the cache names what is missing
             if event.how != "copied":
-                actual = await asyncio.to_thread(_hash_file, location[0], event.digest)
+                hexdigest = await asyncio.to_thread(
+                    file_digest, location[0], event.digest.algorithm)
+                actual = f"{event.digest.algorithm}:{hexdigest}"
                 if actual != str(event.digest):
                     raise DigestMismatch(str(event.digest), actual, str(location[0]))
             await self.bundle.put_checked_blob(event.digest, event.size, location)
         finally:
             self.slots.release()
-
-
-def _hash_file(path: Path, digest: Digest) -> str:
-    hasher = digest.hasher()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(1 << 20):
-            hasher.update(chunk)
-    return f"{digest.algorithm}:{hasher.hexdigest()}"
 
 
 async def _fetch(spec: BundleSpec, cache: LayoutStore, requests: list[CopyRequest],

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import secrets
 import shlex
@@ -46,6 +45,7 @@ import asyncssh
 from gapkit.cluster.inventory import SSHTarget
 from gapkit.errors import GapkitError, NodeStepError
 from gapkit.node.plan import CommandResult
+from gapkit.oci.fsutil import file_digest
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -72,14 +72,6 @@ _FINISH = (
 _SHA256 = 'test -f "$1" || exit 20; sha256sum -- "$1" | cut -d" " -f1'
 #: Commands at once over one connection: sshd's default MaxSessions is 10, SFTP takes one.
 MAX_SESSIONS = 8
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def known_hosts_name(address: str, port: int) -> str:
@@ -368,7 +360,7 @@ class SSHRunner:
             size = local.stat().st_size
         except OSError as exc:
             raise self._error(step, f"cannot read {local}: {exc.strerror}") from None
-        digest = await asyncio.to_thread(sha256_file, local)
+        digest = await asyncio.to_thread(file_digest, local)
         if await self.sha256(remote) == digest:
             return UploadResult(remote, digest, size, True)
         token = secrets.token_hex(4)

@@ -76,6 +76,7 @@ from gapkit.node.install import (
     size_text,
 )
 from gapkit.node.plan import Plan, Runner, apply
+from gapkit.oci.fsutil import file_digest
 from gapkit.oci.model import Platform
 
 DEFAULT_JOBS = 4
@@ -200,7 +201,6 @@ class _Shared:
 
     async def images_tar(self, platform: Platform) -> tuple[Path, str]:
         from gapkit.bundle.export import export_images
-        from gapkit.node.install import _file_sha256
 
         key = f"images:{platform}"
         async with self._lock(key):
@@ -208,7 +208,7 @@ class _Shared:
                 path = self.temp / f"images-{str(platform).replace('/', '-')}.tar"
                 await export_images(self.bundle.path, path, [platform], jobs=self.jobs)
                 self._files[key] = path
-                self._sha[key] = await asyncio.to_thread(_file_sha256, path)
+                self._sha[key] = await asyncio.to_thread(file_digest, path)
             return self._files[key], self._sha[key]
 
 

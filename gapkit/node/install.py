@@ -38,6 +38,7 @@ from typing import Any
 from gapkit.bundle.reader import OpenBundle
 from gapkit.errors import NodeError, NodeStepError
 from gapkit.node.plan import CommandResult, FileWrite, Plan, Runner
+from gapkit.oci.fsutil import file_digest
 
 #: Where the snaps and their assertions are put on a node.
 SNAP_DIR = PurePosixPath("/var/lib/gapkit/snaps")
@@ -274,7 +275,7 @@ async def plan_install(runner: Runner, bundle: OpenBundle, *, sideload: Path | N
         if f"{SIDELOAD_NAME}.loaded" not in loaded:
             digest = sideload_sha256
             if digest is None:
-                digest = await asyncio.to_thread(_file_sha256, sideload)
+                digest = await asyncio.to_thread(file_digest, sideload)
             plan.sideload = await _upload_file(
                 runner, sideload, folder / SIDELOAD_NAME, digest,
                 "images for MicroK8s' side-load plugin, " + (
@@ -283,12 +284,6 @@ async def plan_install(runner: Runner, bundle: OpenBundle, *, sideload: Path | N
     return plan
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 async def _upload(runner: Runner, bundle: OpenBundle, member: str, target: PurePosixPath,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -44,6 +45,15 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = Tru
         # across a power loss is at risk.
         with contextlib.suppress(OSError):
             fsync_dir(path.parent)
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes (read in 1 MiB pieces, so memory stays flat)."""
+    hasher = hashlib.new(algorithm)
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def pid_alive(pid: int) -> bool:

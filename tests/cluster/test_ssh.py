@@ -169,7 +169,7 @@ async def test_an_upload_that_does_not_arrive_whole_is_not_kept(
     local = tmp_path / "core22.snap"
     local.write_bytes(b"snap bytes")
     # The node's sha256 of what arrived differs from the one gapkit expects (a damaged copy).
-    monkeypatch.setattr(runners, "sha256_file", lambda _p: "0" * 64)
+    monkeypatch.setattr(runners, "file_digest", lambda _p: "0" * 64)
     remote = PurePosixPath("/var/lib/gapkit/snaps/core22.snap")
     with two.from_jump():
         async with runner(inv, "node2") as node:
@@ -187,7 +187,7 @@ async def test_stdin_streams_from_a_local_file(two: SSHNodes, tmp_path: Path) ->
         async with runner(inv, "node1") as node:
             result = await node.run(["sha256sum"], stdin=local)
             echoed = await node.run(["cat"], stdin=b"bytes in\n")
-    assert result.stdout.split()[0] == runners.sha256_file(local)
+    assert result.stdout.split()[0] == runners.file_digest(local)
     assert echoed.stdout == "bytes in\n"
 
 
