@@ -27,6 +27,7 @@ from gapkit.oci.copy import DEFAULT_JOBS, CopyReport
 from gapkit.oci.model import Platform
 from gapkit.oci.stores.options import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 from gapkit.oci.transports import copy_images, registry_settings_from_flags
+from gapkit.units import human_bytes
 
 if TYPE_CHECKING:
     from gapkit.catalog import ImageList, Release
@@ -119,7 +120,7 @@ def _render_copy(report: CopyReport, as_json: bool) -> None:
             ui.stderr.print(f"[yellow]note:[/] {escape(image.note)}", highlight=False, soft_wrap=True)
     ui.stderr.print(
         f"{len(report.images)} image(s): {report.blobs_copied} blob(s) copied "
-        f"({ui.human_bytes(report.bytes_copied)}), {report.blobs_present} already there"
+        f"({human_bytes(report.bytes_copied)}), {report.blobs_present} already there"
         + (f", {report.blobs_mounted} mounted" if report.blobs_mounted else ""),
         highlight=False)
 

@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gapkit.oci.copy import BlobFinished, BlobProgress, BlobStarted, CopyEvent, EventHandler, ImageCopied
+from gapkit.units import human_bytes
 
 if TYPE_CHECKING:
     from gapkit.bundle.create import CreateReport
@@ -77,14 +78,6 @@ def error(message: str, hint: str | None = None) -> None:
     stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if hint:
         stderr.print(f"[bold]hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def warning(message: str) -> None:

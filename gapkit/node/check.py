@@ -48,6 +48,7 @@ from gapkit.node.probes import (
 )
 from gapkit.oci.auth import parse_user_password
 from gapkit.oci.reference import Reference
+from gapkit.units import human_bytes
 
 Status = Literal["PASS", "WARN", "FAIL"]
 STATUSES: tuple[Status, ...] = ("PASS", "WARN", "FAIL")
@@ -818,34 +819,26 @@ def disk_checks(paths: Sequence[PurePosixPath], found: Sequence[tuple[int, str]]
     for mount, (available, members) in by_mount.items():
         wanted = sum(need.get(p, 0) for p in members)
         shown = " and ".join(str(p) for p in members)
-        detail = f"{shown}: {_human(available)} free on {mount}"
+        detail = f"{shown}: {human_bytes(available)} free on {mount}"
         name = f"disk {shown}"
         if bundle is None:
             if available < MIN_FREE_WITHOUT_BUNDLE:
                 checks.append(Check(name, "WARN", f"{detail}; MicroK8s and its core images want "
-                                    f"about {_human(MIN_FREE_WITHOUT_BUNDLE)}",
+                                    f"about {human_bytes(MIN_FREE_WITHOUT_BUNDLE)}",
                                     f"free space on {mount} (give --bundle for the real need)",
                                     area="disk"))
             else:
                 checks.append(Check(name, "PASS", detail, area="disk"))
             continue
-        detail += (f"; the bundle needs about {_human(wanted)} here (snaps "
-                   f"{_human(bundle.snap_bytes)}; images {_human(bundle.image_bytes)} x "
-                   f"{IMAGE_SPACE_FACTOR} unpacked, + {_human(MICROK8S_STATE_BYTES)} for MicroK8s)")
+        detail += (f"; the bundle needs about {human_bytes(wanted)} here (snaps "
+                   f"{human_bytes(bundle.snap_bytes)}; images {human_bytes(bundle.image_bytes)} x "
+                   f"{IMAGE_SPACE_FACTOR} unpacked, + {human_bytes(MICROK8S_STATE_BYTES)} for MicroK8s)")
         if available < wanted:
-            checks.append(Check(name, "FAIL", detail, f"free {_human(wanted - available)} on {mount}",
+            checks.append(Check(name, "FAIL", detail, f"free {human_bytes(wanted - available)} on {mount}",
                                 area="disk"))
         else:
             checks.append(Check(name, "PASS", detail, area="disk"))
     return checks
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def snapd_check(returncode: int, stdout: str, stderr: str) -> Check:
