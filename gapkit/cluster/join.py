@@ -200,7 +200,7 @@ async def form_cluster(nodes: Sequence[ClusterNode], runners: Mapping[str, Runne
     first = first_control_plane(nodes)
     lead = runners[first.name]
     report = JoinReport(first.name)
-    listed = await _step(first.name, "list nodes", kube_nodes(lead))
+    listed = await node_step(first.name, "list nodes", kube_nodes(lead), _RUN_AGAIN)
     others = [n for n in nodes if n.name != first.name]
     todo = [n for n in others if find(n, listed) is None]
     report.already = [n.name for n in others if n not in todo]
@@ -212,7 +212,8 @@ async def form_cluster(nodes: Sequence[ClusterNode], runners: Mapping[str, Runne
         add = ("microk8s", "add-node", "--token", token, "--token-ttl", str(ttl))
         report.commands.append((first.name, _shown(add, token)))
         say(first.name, "add-node", f"token valid {ttl} s, for {len(todo)} join(s)")
-        result = await _step(first.name, "add-node", _run_checked(lead, add, "add-node", token))
+        result = await node_step(first.name, "add-node",
+                                 _run_checked(lead, add, "add-node", token), _RUN_AGAIN)
         url = join_url(first.address, token, result)
         for node in todo:
             argv = ["microk8s", "join", url]
@@ -220,7 +221,8 @@ async def form_cluster(nodes: Sequence[ClusterNode], runners: Mapping[str, Runne
                 argv.append("--worker")
             report.commands.append((node.name, _shown(argv, token)))
             say(node.name, "join", "as a worker" if node.worker else "as a control-plane node")
-            await _step(node.name, "join", _run_checked(runners[node.name], argv, "join", token))
+            await node_step(node.name, "join",
+                            _run_checked(runners[node.name], argv, "join", token), _RUN_AGAIN)
             report.joined.append(node.name)
     say(first.name, "ready", f"waiting for {len(nodes)} node(s) to be Ready")
     report.ready = await wait_ready(nodes, lead, timeout=ready_timeout, poll=poll)
@@ -238,16 +240,20 @@ async def _run_checked(runner: Runner, argv: Sequence[str], step: str, token: st
     return result.stdout
 
 
-async def _step(node: str, step: str, work: Any) -> Any:
-    """Await `work`; a NodeError becomes a NodeStepError naming the node and the step."""
+_RUN_AGAIN = ("fix the cause and run `gapkit cluster up` again: nodes already in the cluster "
+              "are skipped")
+
+
+async def node_step(node: str, step: str, work: Any, hint: str | None = None) -> Any:
+    """Await `work`; a NodeError becomes a NodeStepError naming the node and the step (with
+    `hint` when the error has none)."""
     try:
         return await work
     except NodeStepError:
         raise
     except NodeError as exc:
         raise NodeStepError(node, step, exc.message.removeprefix(f"{node}: "),
-                            exc.hint or "fix the cause and run `gapkit cluster up` again: nodes "
-                           "already in the cluster are skipped") from None
+                            exc.hint or hint) from None
 
 
 async def wait_ready(nodes: Sequence[ClusterNode], runner: Runner, *, timeout: float,

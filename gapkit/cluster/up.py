@@ -56,9 +56,10 @@ from gapkit.cluster.join import (
     JoinReport,
     first_control_plane,
     form_cluster,
+    node_step,
     plan_join,
 )
-from gapkit.errors import ClusterError, GapkitError, NodeError, NodeStepError, UsageError
+from gapkit.errors import ClusterError, GapkitError, NodeStepError, UsageError
 from gapkit.node.configure import ConfigureOptions, configure_options, plan_configure
 from gapkit.node.images import import_images, listed_images, node_platform
 from gapkit.node.install import (
@@ -217,15 +218,6 @@ def _sideload_before_install(options: UpOptions, bundle: OpenBundle) -> bool:
     return options.images_mode == "sideload" and release is not None and release >= SIDELOAD_SINCE
 
 
-async def _node_step(node: str, step: str, work: Any) -> Any:
-    try:
-        return await work
-    except NodeStepError:
-        raise
-    except NodeError as exc:
-        raise NodeStepError(node, step, exc.message.removeprefix(f"{node}: "), exc.hint) from None
-
-
 async def _plan_node(runner: Runner, shared: _Shared, options: UpOptions,
                      configure: ConfigureOptions | None, export: bool = True) -> NodeUp:
     up = NodeUp(runner.name)
@@ -233,9 +225,9 @@ async def _plan_node(runner: Runner, shared: _Shared, options: UpOptions,
     sideload_sha = None
     later = None
     if _sideload_before_install(options, shared.bundle):
-        loaded = await _node_step(runner.name, "images", runner.list_dir(SIDELOAD_LIVE)) or []
+        loaded = await node_step(runner.name, "images", runner.list_dir(SIDELOAD_LIVE)) or []
         if f"{SIDELOAD_NAME}.loaded" not in loaded:
-            platform = await _node_step(runner.name, "platform", node_platform(runner))
+            platform = await node_step(runner.name, "platform", node_platform(runner))
             held = [Platform.parse(p) for p in shared.bundle.manifest.platforms]
             if held and platform not in held:
                 raise NodeStepError(runner.name, "images",
@@ -246,7 +238,7 @@ async def _plan_node(runner: Runner, shared: _Shared, options: UpOptions,
                 sideload, sideload_sha = await shared.images_tar(platform)
             else:
                 later = str(platform)
-    up.install = await _node_step(runner.name, "plan install", plan_install(
+    up.install = await node_step(runner.name, "plan install", plan_install(
         runner, shared.bundle, sideload=sideload, sideload_sha256=sideload_sha,
         sideload_later=later))
     if options.images_mode == "sideload" and not _sideload_before_install(options, shared.bundle):
@@ -255,13 +247,13 @@ async def _plan_node(runner: Runner, shared: _Shared, options: UpOptions,
         up.install.notes.append(f"images: {SIDELOAD_LIVE / SIDELOAD_NAME}.loaded says the "
                                 "side-loaded images were imported")
     if configure is not None:
-        up.configure = await _node_step(runner.name, "plan configure",
+        up.configure = await node_step(runner.name, "plan configure",
                                         plan_configure(runner, configure))
         if any(not step.done for step in up.install.snaps):
             up.configure.notes.append("planned against the node as it is now: after `snap "
                                       "install` MicroK8s' own files are read and planned again")
     if shared.hosts:
-        up.hosts = await _node_step(runner.name, "plan /etc/hosts",
+        up.hosts = await node_step(runner.name, "plan /etc/hosts",
                                     plan_hosts(runner, shared.hosts))
     return up
 
@@ -280,7 +272,7 @@ async def _install_node(runner: Runner, shared: _Shared, options: UpOptions,
     up = await _plan_node(runner, shared, options, configure)
     plan = up.install
     assert plan is not None
-    sent = await _node_step(name, "upload", carry_out_uploads(
+    sent = await node_step(name, "upload", carry_out_uploads(
         runner, plan.all_uploads, shared.member_file, shared.member_bytes,
         lambda f: say(name, "upload", f"{f.path} ({size_text(f.size)})")))
     up.steps["upload"] = f"{len(sent)} file(s) uploaded" if sent else "skipped (all there)"
@@ -295,10 +287,10 @@ async def _install_node(runner: Runner, shared: _Shared, options: UpOptions,
         up.steps[key] = f"revision {step.revision} installed"
     if configure is not None:
         # planned again: MicroK8s' own files (containerd-env...) exist only after install
-        up.configure = await _node_step(name, "configure", plan_configure(runner, configure))
+        up.configure = await node_step(name, "configure", plan_configure(runner, configure))
         if up.configure.changed:
             say(name, "configure", "containerd")
-            await _node_step(name, "configure", apply(up.configure, runner))
+            await node_step(name, "configure", apply(up.configure, runner))
             up.steps["configure"] = "done"
         else:
             up.steps["configure"] = "skipped (already as wanted)"
@@ -307,7 +299,7 @@ async def _install_node(runner: Runner, shared: _Shared, options: UpOptions,
     if up.hosts is not None:
         if up.hosts.changed:
             say(name, "/etc/hosts", "the nodes' names")
-            await _node_step(name, "/etc/hosts", apply(up.hosts, runner))
+            await node_step(name, "/etc/hosts", apply(up.hosts, runner))
             up.steps["/etc/hosts"] = "done"
         else:
             up.steps["/etc/hosts"] = "skipped (every node's name is there)"
@@ -335,7 +327,7 @@ async def _wait_sideloaded(runner: Runner, options: UpOptions) -> str:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + options.sideload_timeout
     while True:
-        names = await _node_step(runner.name, "images", runner.list_dir(SIDELOAD_LIVE)) or []
+        names = await node_step(runner.name, "images", runner.list_dir(SIDELOAD_LIVE)) or []
         if f"{SIDELOAD_NAME}.loaded" in names:
             return f"imported by the side-load plugin ({SIDELOAD_LIVE / SIDELOAD_NAME}.loaded)"
         if loop.time() >= deadline:
@@ -352,10 +344,10 @@ async def _wait_sideloaded(runner: Runner, options: UpOptions) -> str:
 
 async def _import(runner: Runner, shared: _Shared, options: UpOptions) -> str:
     wanted = {str(ref.with_digest(None)) for ref in await shared.bundle.store.images()}
-    have = await _node_step(runner.name, "images", listed_images(runner))
+    have = await node_step(runner.name, "images", listed_images(runner))
     if wanted <= set(have):
         return "skipped (every image is there)"
-    report = await _node_step(runner.name, "images",
+    report = await node_step(runner.name, "images",
                               import_images(runner, shared.bundle.path, temp_dir=shared.temp))
     return f"{len(report.images)} image(s) imported and checked"
 
