@@ -29,7 +29,6 @@ import datetime
 import difflib
 import errno
 import os
-import re
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,13 +36,11 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from gapkit.errors import NodeError
-from gapkit.oci.fsutil import atomic_write, pid_alive
+from gapkit.oci.fsutil import atomic_write, remove_dead_temps
 
 BACKUP_SUFFIX = ".gapkit-backup-"
 #: Beside a command's first `when_changed` file while the command is still to run.
 PENDING_SUFFIX = ".gapkit-pending"
-#: `atomic_write`'s temp files: `.NAME.tmp-PID-HEX`.
-_TEMP_NAME = re.compile(r"\..+\.tmp-(\d+)-[0-9a-f]{8}")
 
 
 @dataclass(frozen=True)
@@ -345,15 +342,6 @@ async def apply(plan: Plan, runner: Runner) -> ApplyReport:
     return report
 
 
-def _sweep_temps(folder: Path) -> None:
-    """Remove the temp files a killed writer left in `folder` (`atomic_write`'s, by a dead PID)."""
-    for name in os.listdir(folder):
-        match = _TEMP_NAME.fullmatch(name)
-        if match is not None and not pid_alive(int(match[1])):
-            with contextlib.suppress(FileNotFoundError):
-                (folder / name).unlink()
-
-
 def _write_hint(code: int | None, path: PurePosixPath) -> str:
     if code in (errno.ENOSPC, errno.EDQUOT):
         return (f"free space on the filesystem that holds {path.parent} (see `df -h`), then run "
@@ -398,7 +386,7 @@ class LocalRunner:
             for folder in reversed(missing):
                 folder.mkdir(exist_ok=True)
                 self.made.append(folder)
-            _sweep_temps(target.parent)
+            remove_dead_temps(target.parent)
             atomic_write(target, content, mode)
         except OSError as exc:
             raise NodeError(f"{self.name}: cannot write {shown}: {exc.strerror}",

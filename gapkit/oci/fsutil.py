@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -18,6 +19,28 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+#: What `temp_path` names: `.NAME.tmp-PID-HEX`.
+_TEMP_NAME = re.compile(r"\.(.+)\.tmp-(\d+)-[0-9a-f]{8}")
+
+
+def temp_path(path: Path) -> Path:
+    """Where a writer of `path` puts its bytes first: `.NAME.tmp-PID-HEX` beside it, so that
+    `remove_dead_temps` can tell whose it is."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def remove_dead_temps(folder: Path, name: str | None = None) -> None:
+    """Remove the `temp_path` files in `folder` (of `name` only, if given) whose writer process
+    is gone: what a killed run left, once the next one runs. A live writer's stay."""
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(folder):
+            match = _TEMP_NAME.fullmatch(entry)
+            if (match is not None and (name is None or match[1] == name)
+                    and not pid_alive(int(match[2]))):
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / entry).unlink()
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
     """Replace `path` with `data` so that readers see the old or the new file, never a mix.
 
@@ -25,7 +48,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = Tru
     exclusively, so two writers never share one. `durable=False` skips the fsyncs (a cache
     whose content is checked again when read).
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temp_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         with os.fdopen(fd, "wb") as f:

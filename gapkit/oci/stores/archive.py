@@ -32,13 +32,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
-import glob
 import hashlib
 import json
 import os
 import posixpath
 import re
-import secrets
 import tarfile
 import weakref
 from collections import OrderedDict
@@ -57,7 +55,7 @@ from gapkit.errors import (
     StoreError,
     UsageError,
 )
-from gapkit.oci.fsutil import pid_alive
+from gapkit.oci.fsutil import remove_dead_temps, temp_path
 from gapkit.oci.model import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
@@ -443,8 +441,8 @@ class ArchiveStore:
             raise UsageError(f"archive format {format!r} is not one of {', '.join(FORMATS)}")
         target = Path(path)
         store = cls(target, format)
-        _remove_stale_temps(target)
-        temp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        remove_dead_temps(target.parent, target.name)
+        temp = temp_path(target)
         try:
             # O_EXCL: never reuse a file; 0o666 & umask, as a plain `open` would create it.
             fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
@@ -1290,20 +1288,6 @@ def _finish(file: Any, temp: Path, target: Path) -> None:
             os.fsync(folder)
         finally:
             os.close(folder)
-
-
-def _remove_stale_temps(target: Path) -> None:
-    """Remove the temp files of earlier writers of `target` that were killed (their process is
-    gone), so an interrupted run leaves nothing behind once it is run again."""
-    with contextlib.suppress(OSError):
-        for temp in target.parent.glob(f".{glob.escape(target.name)}.tmp-*-*"):
-            try:
-                pid = int(temp.name.rsplit("-", 2)[-2])
-            except (ValueError, IndexError):
-                continue
-            if not pid_alive(pid):
-                with contextlib.suppress(FileNotFoundError):
-                    temp.unlink()
 
 
 def _discard_temp(file: Any, temp: Path, executor: concurrent.futures.ThreadPoolExecutor) -> None:
