@@ -4,36 +4,39 @@ Exit codes: 0 success, 1 error, 2 bad usage or input, 3 not found, 70 internal b
 130 interrupted.
 """
 
-from __future__ import annotations
-
-import asyncio
-import json
 import sys
 import traceback
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import click
 import typer
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
 from gapkit import __version__, ui
 from gapkit.errors import GapkitError, UsageError
-from gapkit.oci.copy import DEFAULT_JOBS, CopyReport
-from gapkit.oci.model import Platform
 from gapkit.oci.stores.options import DEFAULT_RETRIES, DEFAULT_TIMEOUT
-from gapkit.oci.transports import copy_images, registry_settings_from_flags
-from gapkit.units import human_bytes
+
+# Start-up is paid on every run, and scripts run gapkit once per image (see bench/). So:
+# - every layer below (and asyncio, rich, pydantic, aiohttp) is imported inside the commands
+#   that use it, and `gapkit version` and `--help` import none of them;
+# - annotations are not postponed (no `from __future__ import annotations`): typer reads
+#   them at every start, and evaluating the strings again cost more than the rest of its work.
 
 if TYPE_CHECKING:
-    from gapkit.catalog import ImageList, Release
+    from gapkit.oci.copy import CopyReport
 
-# The bundle and catalog layers are imported inside the commands that use them: gapkit is
-# often run once per image in scripts, and its start-up time adds up there (see bench/).
+#: gapkit.oci.copy.DEFAULT_JOBS, which that module (and asyncio with it) would be imported for;
+#: tests/test_startup.py checks that the two agree.
+DEFAULT_JOBS = 6
+
+T = TypeVar("T")
+
+
+def _run(work: Coroutine[Any, Any, T]) -> T:
+    import asyncio
+
+    return asyncio.run(work)
+
 
 app = typer.Typer(
     name="gapkit", no_args_is_help=True, add_completion=False,
@@ -71,7 +74,7 @@ def _options(
 @app.command()
 def version() -> None:
     """Print gapkit's version."""
-    ui.stdout.print(__version__)
+    ui.print_version(__version__)
 
 
 @app.command("copy")
@@ -98,6 +101,9 @@ def copy_command(
 
     Several sources copy into one layout or archive, each image keeping its name.
     """
+    from gapkit.oci.model import Platform
+    from gapkit.oci.transports import copy_images, registry_settings_from_flags
+
     if len(locations) < 2:
         raise UsageError("gapkit copy needs a source and a destination: gapkit copy SRC... DST")
     *source, destination = locations
@@ -105,24 +111,16 @@ def copy_command(
                                             retries=retries, timeout=timeout)
     platforms = [Platform.parse(p) for p in platform]
     with ui.copy_progress(None if not as_json else False) as on_event:
-        report = asyncio.run(copy_images(source, destination, settings, platforms, all_platforms,
+        report = _run(copy_images(source, destination, settings, platforms, all_platforms,
                                          jobs, on_event))
     _render_copy(report, as_json)
 
 
-def _render_copy(report: CopyReport, as_json: bool) -> None:
+def _render_copy(report: "CopyReport", as_json: bool) -> None:
     if as_json:
-        ui.stdout.print_json(json.dumps(report.to_json()))
-        return
-    for image in report.images:
-        ui.stdout.print(f"{image.destination}@{image.digest}", highlight=False, soft_wrap=True)
-        if image.note:
-            ui.stderr.print(f"[yellow]note:[/] {escape(image.note)}", highlight=False, soft_wrap=True)
-    ui.stderr.print(
-        f"{len(report.images)} image(s): {report.blobs_copied} blob(s) copied "
-        f"({human_bytes(report.bytes_copied)}), {report.blobs_present} already there"
-        + (f", {report.blobs_mounted} mounted" if report.blobs_mounted else ""),
-        highlight=False)
+        ui.print_json(report.to_json())
+    else:
+        ui.render_copy(report)
 
 
 images_app = typer.Typer(name="images", no_args_is_help=True,
@@ -151,29 +149,12 @@ def images_list_command(
     from gapkit.catalog import resolve_images
 
     result = resolve_images(microk8s, addons, manifests, image, images_from)
-    _render_image_list(result, as_json, quiet)
-
-
-def _render_image_list(result: ImageList, as_json: bool, quiet: bool) -> None:
     for warning in result.warnings:
-        ui.stderr.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        ui.warning(warning)
     if as_json:
-        ui.stdout.print_json(json.dumps(result.to_json()))
-        return
-    if quiet:
-        for ref in result.references:
-            ui.stdout.print(str(ref), markup=False, highlight=False, soft_wrap=True)
-        return
-    table = Table("IMAGE", "SOURCES", box=box.SIMPLE_HEAD, show_edge=False)
-    for entry in result:
-        table.add_row(Text(str(entry.reference), overflow="fold"), Text("\n".join(entry.sources)))
-    _wide_stdout().print(table)
-    for note in result.notes:
-        ui.stderr.print(f"[bold]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
-    base = (f"; MicroK8s {result.release.name} needs the {result.release.snap_base} base snap"
-            if result.release else "")
-    ui.stderr.print(f"{len(result)} image(s) from {', '.join(result.registries) or 'no registry'}{base}",
-                    highlight=False, markup=False, soft_wrap=True)
+        ui.print_json(result.to_json())
+    else:
+        ui.render_image_list(result, quiet)
 
 
 @images_app.command("releases")
@@ -183,25 +164,11 @@ def images_releases_command(
     """List the MicroK8s releases the catalog knows, with their base snap and core images."""
     from gapkit.catalog import releases
 
-    _render_releases(releases(), as_json)
-
-
-def _render_releases(known: tuple[Release, ...], as_json: bool) -> None:
+    known = releases()
     if as_json:
-        ui.stdout.print_json(json.dumps([r.to_json() for r in known]))
-        return
-    table = Table("RELEASE", "BASE", "CONFINEMENT", "CORE IMAGES", "ADDONS", box=box.SIMPLE_HEAD,
-                  show_edge=False)
-    for r in known:
-        name = r.name + (f" ({', '.join(r.aliases)})" if r.aliases else "")
-        core = "\n".join(str(i.reference) for i in r.core_images())
-        table.add_row(escape(name), r.snap_base, r.confinement, escape(core), ", ".join(r.addons()))
-    _wide_stdout().print(table)
-
-
-def _wide_stdout() -> Console:
-    """Stdout for tables: a terminal wraps them to its width; a pipe or file gets them unfolded."""
-    return ui.stdout if ui.stdout.is_terminal else Console(file=ui.stdout.file, width=400)
+        ui.print_json([r.to_json() for r in known])
+    else:
+        ui.render_releases(known)
 
 
 bundle_app = typer.Typer(name="bundle", no_args_is_help=True,
@@ -249,9 +216,9 @@ def bundle_create_command(
         insecure=insecure, retries=retries, timeout=timeout)
     spec = load_spec(spec_file, overrides)
     with ui.copy_progress(None if not as_json else False) as on_event:
-        report = asyncio.run(create_bundle(spec, output, cache, jobs, on_event, ui.warning))
+        report = _run(create_bundle(spec, output, cache, jobs, on_event, ui.warning))
     if as_json:
-        ui.stdout.print_json(json.dumps(report.to_json()))
+        ui.print_json(report.to_json())
     else:
         ui.render_bundle_created(report)
 
@@ -265,9 +232,9 @@ def bundle_verify_command(
     """Check every blob, image, snap and bundle.json; list every problem (exit 1 if any)."""
     from gapkit.bundle.verify import verify_bundle
 
-    report = asyncio.run(verify_bundle(bundle, jobs))
+    report = _run(verify_bundle(bundle, jobs))
     if as_json:
-        ui.stdout.print_json(json.dumps(report.to_json()))
+        ui.print_json(report.to_json())
     else:
         ui.render_verify(report)
     if not report.ok:
@@ -282,9 +249,9 @@ def bundle_inspect_command(
     """Show the MicroK8s release, snaps, images, registries and sizes of a bundle."""
     from gapkit.bundle.inspect import inspect_bundle
 
-    summary = asyncio.run(inspect_bundle(bundle))
+    summary = _run(inspect_bundle(bundle))
     if as_json:
-        ui.stdout.print_json(json.dumps(summary.to_json()))
+        ui.print_json(summary.to_json())
     else:
         ui.render_bundle_summary(summary)
 
@@ -300,10 +267,11 @@ def images_export_command(
 ) -> None:
     """Write an images-only tar that `microk8s images import` and `ctr image import` take."""
     from gapkit.bundle.export import archive_format_of, export_images
+    from gapkit.oci.model import Platform
 
     platforms = [Platform.parse(p) for p in platform]
     with ui.copy_progress(None if not as_json else False) as on_event:
-        report = asyncio.run(export_images(bundle, output, platforms or None,
+        report = _run(export_images(bundle, output, platforms or None,
                                            archive_format_of(archive_format), on_event=on_event))
     _render_copy(report, as_json)
 
@@ -333,17 +301,18 @@ def registry_push_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Push every image into a registry and print the hosts.toml each node needs."""
+    from gapkit.oci.model import Platform
     from gapkit.registry.push import host_options, push_source
 
     options = host_options(plain_http, ca, creds, insecure)
     platforms = [Platform.parse(p) for p in platform] or None
     with ui.copy_progress(None if not as_json else False) as on_event:
-        report = asyncio.run(push_source(source, to, options, upstream_prefix, platforms, jobs,
+        report = _run(push_source(source, to, options, upstream_prefix, platforms, jobs,
                                          on_event, hosts_dir, retries, timeout))
     if as_json:
-        ui.stdout.print_json(json.dumps(report.to_json()))
+        ui.print_json(report.to_json())
         return
-    _render_copy(report.copied, False)
+    ui.render_copy(report.copied)
     ui.render_hosts_toml(report.hosts_toml)
 
 
@@ -369,7 +338,7 @@ def registry_serve_command(
     from gapkit.registry.server import serve, tls_mode
 
     with ui.access_log(access_log) as log:
-        asyncio.run(serve(source, listen, tls_mode(tls), tls_cert, tls_key, htpasswd, state,
+        _run(serve(source, listen, tls_mode(tls), tls_cert, tls_key, htpasswd, state,
                           tuple(name), log, ui.render_serving))
 
 
@@ -385,9 +354,9 @@ def images_import_command(
     from gapkit.node.plan import LocalRunner
 
     with ui.copy_progress(None if not as_json else False) as on_event:
-        report = asyncio.run(import_images(LocalRunner(), source, tmp_dir, on_event))
+        report = _run(import_images(LocalRunner(), source, tmp_dir, on_event))
     if as_json:
-        ui.stdout.print_json(json.dumps(report.to_json()))
+        ui.print_json(report.to_json())
     else:
         ui.render_images_imported(report)
 
@@ -437,9 +406,9 @@ def node_configure_command(
         mirror, proxy, ca=ca, creds=creds, registries=registries, bundle=bundle,
         upstream_prefix=upstream_prefix, no_fallback=no_fallback, insecure=insecure,
         no_proxy=no_proxy, peers=peers, node_addresses=node_address, restart=not no_restart)
-    result = asyncio.run(configure_node(LocalRunner(root), options, dry_run))
+    result = _run(configure_node(LocalRunner(root), options, dry_run))
     if as_json:
-        ui.stdout.print_json(json.dumps(result.to_json()))
+        ui.print_json(result.to_json())
     else:
         ui.render_configured(result)
     result.raise_for_problems()
@@ -478,11 +447,11 @@ def node_check_command(
 
     options = CheckOptions(parse_peers(peers), proxy, parse_registries(registries), upstream_ca,
                            mirror, ca, plain_http, parse_creds(creds), bundle, etcd, timeout)
-    report = asyncio.run(check_node(options))
+    report = _run(check_node(options))
     if as_json:
-        ui.stdout.print_json(json.dumps(report.to_json()))
+        ui.print_json(report.to_json())
     else:
-        ui.render_node_check(report, _wide_stdout())
+        ui.render_node_check(report, ui.wide_stdout())
     if not report.ok:
         raise typer.Exit(1)
 
@@ -503,11 +472,11 @@ def node_listen_command(
 
     chosen = parse_ports(ports) or node_ports(etcd)
     try:
-        report = asyncio.run(listen(chosen, address, duration, ui.render_listening))
+        report = _run(listen(chosen, address, duration, ui.render_listening))
     except KeyboardInterrupt:
-        ui.stderr.print("stopped", highlight=False)
+        ui.stderr().print("stopped", highlight=False)
         return
-    ui.stderr.print(f"stopped; {report.connections} connection(s) answered", highlight=False)
+    ui.stderr().print(f"stopped; {report.connections} connection(s) answered", highlight=False)
 
 
 cluster_app = typer.Typer(name="cluster", no_args_is_help=True,
@@ -533,11 +502,11 @@ def cluster_check_command(
     from gapkit.cluster.check import check_cluster
     from gapkit.cluster.inventory import load_inventory
 
-    report = asyncio.run(check_cluster(load_inventory(inventory), timeout, jobs, etcd))
+    report = _run(check_cluster(load_inventory(inventory), timeout, jobs, etcd))
     if as_json:
-        ui.stdout.print_json(json.dumps(report.to_json()))
+        ui.print_json(report.to_json())
     else:
-        ui.render_cluster_check(report, _wide_stdout())
+        ui.render_cluster_check(report, ui.wide_stdout())
     if not report.ok:
         raise typer.Exit(1)
 
@@ -557,11 +526,11 @@ def cluster_status_command(
     from gapkit.cluster.inventory import load_inventory
     from gapkit.cluster.status import cluster_status
 
-    report = asyncio.run(cluster_status(load_inventory(inventory), bundle, jobs))
+    report = _run(cluster_status(load_inventory(inventory), bundle, jobs))
     if as_json:
-        ui.stdout.print_json(json.dumps(report.to_json()))
+        ui.print_json(report.to_json())
     else:
-        ui.render_cluster_status(report, _wide_stdout())
+        ui.render_cluster_status(report, ui.wide_stdout())
     if not report.ok:
         raise typer.Exit(1)
 
@@ -583,21 +552,25 @@ def cluster_up_command(
     from gapkit.cluster.up import up_from_inventory
 
     progress = None if as_json or plan else ui.cluster_up_progress
-    report = asyncio.run(up_from_inventory(load_inventory(inventory), bundle, plan_only=plan,
+    report = _run(up_from_inventory(load_inventory(inventory), bundle, plan_only=plan,
                                            jobs=jobs, progress=progress))
     if as_json:
-        ui.stdout.print_json(json.dumps(report.to_json()))
+        ui.print_json(report.to_json())
     else:
         ui.render_cluster_up(report)
 
 
-# typer 0.29 and later carry click inside (typer._click) with exceptions of their own; older
-# ones raise click's. Both kinds are caught, so a bad flag is a usage error either way.
-_EXITS: tuple[type[Exception], ...] = (click.exceptions.Exit, typer.Exit)
+# Recent typers (0.26 on) carry click inside (typer._click) and raise their own exceptions; older
+# ones raise click's own, and import click themselves, so it is only looked up when typer has
+# imported it (gapkit does not depend on click: importing it would cost start-up, or fail).
+_click = sys.modules.get("click")
+_EXITS: tuple[type[Exception], ...] = (
+    typer.Exit, *((_click.exceptions.Exit,) if _click else ()))
 _INTERRUPTS: tuple[type[BaseException], ...] = (
-    KeyboardInterrupt, click.exceptions.Abort, typer.Abort)
+    KeyboardInterrupt, typer.Abort, *((_click.exceptions.Abort,) if _click else ()))
 _USAGE_ERRORS: tuple[type[Exception], ...] = (
-    click.ClickException, getattr(typer, "TyperException", click.ClickException))
+    *((_click.ClickException,) if _click else ()),
+    *((typer.TyperException,) if hasattr(typer, "TyperException") else ()))
 
 
 def main(argv: list[str] | None = None) -> None:
