@@ -11,6 +11,8 @@ import io
 import json
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -44,10 +46,43 @@ def test_help_imports_none_of_the_heavy_modules_but_rich() -> None:
     assert not modules_after("--help") & (set(HEAVY) - {"rich"})
 
 
-def test_verify_json_of_a_missing_bundle_needs_neither_rich_nor_aiohttp() -> None:
-    imported = modules_after("bundle", "verify", "--json", "/nonexistent/bundle.tar")
+def tiny_bundle(path: Path, record: dict[str, object]) -> Path:
+    """A bundle of no image: an empty OCI layout and `record` as bundle.json."""
+    members = {"oci-layout": {"imageLayoutVersion": "1.0.0"},
+               "index.json": {"schemaVersion": 2, "manifests": [],
+                              "mediaType": "application/vnd.oci.image.index.v1+json"},
+               "gapkit/bundle.json": record}
+    with tarfile.open(path, "w") as tar:
+        for name, value in members.items():
+            data = json.dumps(value).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+RECORD: dict[str, object] = {
+    "format": 1, "tool": "gapkit 0.1.0", "created": "2026-11-29T00:00:00+00:00", "microk8s": None,
+    "channel": None, "snap_base": None, "platforms": ["linux/amd64"], "spec": {}, "images": [],
+    "snaps": [], "blob_bytes": 0, "shared_bytes_saved": 0}
+
+
+def test_verify_json_needs_neither_rich_nor_pydantic_nor_aiohttp(tmp_path: Path) -> None:
+    bundle = tiny_bundle(tmp_path / "b.tar", RECORD)
+    imported = modules_after("bundle", "verify", "--json", str(bundle))
     assert "asyncio" in imported
-    assert not imported & {"rich", "aiohttp"}
+    assert not imported & {"rich", "pydantic", "aiohttp"}
+
+
+def test_verify_names_a_bad_bundle_json_as_the_models_do(tmp_path: Path) -> None:
+    bundle = tiny_bundle(tmp_path / "b.tar", {**RECORD, "blob_bytes": "many"})
+    done = subprocess.run([sys.executable, "-m", "gapkit", "bundle", "verify", "--json",
+                           str(bundle)], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["problems"] == [{
+        "subject": "gapkit/bundle.json",
+        "message": "invalid at blob_bytes: Input should be a valid integer, unable to parse "
+                   "string as an integer"}]
 
 
 def test_the_cli_default_for_jobs_is_copy_s() -> None:

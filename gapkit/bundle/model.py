@@ -3,20 +3,22 @@
 The OCI layout at the bundle's root is the truth for images; bundle.json says what was asked
 for (the spec), what was resolved (every image with its digest, platforms and why it is there),
 and every snap with both its sha256 and the sha3-384 its assertion names.
+
+gapkit/bundle/bundle_json.py describes the same fields as TypedDicts, for reading bundle.json
+without pydantic: a field changed here changes there too (tests/test_bundle_json.py checks).
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-BUNDLE_JSON = "gapkit/bundle.json"
-SNAPS_FOLDER = "gapkit/snaps"
-FORMAT_VERSION = 1
-#: bundle.json is read whole. 4 MiB, as index.json, which lists the same images and may not
-#: be larger (MAX_MANIFEST_SIZE): 12 000 images; inspect shows that many in about 100 MB.
-MAX_BUNDLE_JSON_SIZE = 4 * 1024 * 1024
-#: A snap's .assert file is read whole: real ones (four assertions) are about 5 KiB.
-MAX_ASSERTION_SIZE = 1024 * 1024
+# Where bundle.json is and its limits live beside its plain reader (what `bundle verify` reads
+# it with, without pydantic); they are named here too, with the models.
+from gapkit.bundle.bundle_json import BUNDLE_JSON as BUNDLE_JSON
+from gapkit.bundle.bundle_json import FORMAT_VERSION as FORMAT_VERSION
+from gapkit.bundle.bundle_json import MAX_ASSERTION_SIZE as MAX_ASSERTION_SIZE
+from gapkit.bundle.bundle_json import MAX_BUNDLE_JSON_SIZE as MAX_BUNDLE_JSON_SIZE
+from gapkit.bundle.bundle_json import SNAPS_FOLDER as SNAPS_FOLDER
 
 
 class _Model(BaseModel):

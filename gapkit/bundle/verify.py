@@ -18,15 +18,15 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
-from pydantic import ValidationError
-
-from gapkit.bundle.model import (
+from gapkit.bundle.bundle_json import (
     BUNDLE_JSON,
     MAX_ASSERTION_SIZE,
     MAX_BUNDLE_JSON_SIZE,
-    BundleManifest,
-    BundleSnap,
+    BundleJson,
+    SnapJson,
+    exact_bundle_json,
 )
 from gapkit.errors import GapkitError, StoreError
 from gapkit.oci.copy import MAX_INDEX_DEPTH
@@ -110,7 +110,7 @@ async def verify_bundle(path: Path, jobs: int | None = None) -> VerifyReport:
         for message in store.structural_problems():
             report.problems.append(Problem(str(path), message))
         manifest = await _bundle_manifest(store, report)
-        platforms = ({Platform.parse(p) for p in manifest.platforms} if manifest else None)
+        platforms = ({Platform.parse(p) for p in manifest["platforms"]} if manifest else None)
         with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2,
                                 thread_name_prefix="gapkit-verify") as pool:
             # Snaps are hashed first, beside the blobs: they are the biggest members, and
@@ -130,7 +130,7 @@ async def verify_bundle(path: Path, jobs: int | None = None) -> VerifyReport:
     return report
 
 
-async def _bundle_manifest(store: ArchiveStore, report: VerifyReport) -> BundleManifest | None:
+async def _bundle_manifest(store: ArchiveStore, report: VerifyReport) -> BundleJson | None:
     if BUNDLE_JSON not in store.member_names():
         report.problems.append(Problem(BUNDLE_JSON, "missing: this is not a gapkit bundle, "
                                        "or it was cut short"))
@@ -140,13 +140,24 @@ async def _bundle_manifest(store: ArchiveStore, report: VerifyReport) -> BundleM
     except GapkitError as exc:
         report.problems.append(Problem(BUNDLE_JSON, exc.message))
         return None
+    manifest = exact_bundle_json(data)
+    return manifest if manifest is not None else _validated(data, report)
+
+
+def _validated(data: bytes, report: VerifyReport) -> BundleJson | None:
+    """bundle.json other than as gapkit writes it: the models decide, and name the problem."""
+    from pydantic import ValidationError
+
+    from gapkit.bundle.model import BundleManifest
+
     try:
-        return BundleManifest.model_validate_json(data)
+        manifest = BundleManifest.model_validate_json(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         report.problems.append(Problem(BUNDLE_JSON, f"invalid at {where or 'top'}: {first['msg']}"))
         return None
+    return cast(BundleJson, manifest.model_dump())
 
 
 async def _check_blobs(store: ArchiveStore, pool: ThreadPoolExecutor,
@@ -185,7 +196,7 @@ async def _check_blobs(store: ArchiveStore, pool: ThreadPoolExecutor,
 
 
 async def _check_images(store: ArchiveStore, platforms: set[Platform] | None,
-                        manifest: BundleManifest | None, report: VerifyReport) -> None:
+                        manifest: BundleJson | None, report: VerifyReport) -> None:
     names = await store.images()
     report.images = len(names)
     in_layout = {str(ref.with_digest(None)): ref.digest for ref in names}
@@ -205,7 +216,7 @@ async def _check_images(store: ArchiveStore, platforms: set[Platform] | None,
         first_name[ref.digest] = (name, len(report.problems) - before)
     if manifest is None:
         return
-    listed = {image.reference: image.digest for image in manifest.images}
+    listed = {image["reference"]: image["digest"] for image in manifest["images"]}
     for reference, digest in listed.items():
         if reference not in in_layout:
             report.problems.append(Problem(reference, "listed in bundle.json but not in index.json"))
@@ -264,7 +275,7 @@ async def _check_present(store: ArchiveStore, name: str, blobs: Iterable[Descrip
 class _SnapCheck:
     """One snap of bundle.json: a problem found before hashing, or its hashes under way."""
 
-    snap: BundleSnap
+    snap: SnapJson
     problem: Problem | None = None
     size: int = 0
     sha256: asyncio.Future[tuple[str, ...]] | None = None
@@ -283,7 +294,7 @@ class _SnapCheck:
 
 
 def _start_snaps(store: ArchiveStore, pool: ThreadPoolExecutor,
-                 manifest: BundleManifest) -> list[_SnapCheck]:
+                 manifest: BundleJson) -> list[_SnapCheck]:
     """Check each snap's members and size, and start hashing those that pass.
 
     sha256 and sha3-384 are two jobs, so they run on two cores; sha3-384 jobs go first, the
@@ -293,17 +304,18 @@ def _start_snaps(store: ArchiveStore, pool: ThreadPoolExecutor,
     checks: list[_SnapCheck] = []
     members = store.member_names()
     ranges: list[tuple[_SnapCheck, Path, _Range]] = []
-    for snap in manifest.snaps:
-        missing = [m for m in (snap.file, snap.assertion) if m not in members]
+    for snap in manifest["snaps"]:
+        missing = [m for m in (snap["file"], snap["assertion"]) if m not in members]
         if missing:
-            checks.append(_SnapCheck(snap, Problem(snap.name, f"member {', '.join(missing)} is missing")))
+            checks.append(_SnapCheck(snap, Problem(snap["name"],
+                                                   f"member {', '.join(missing)} is missing")))
             continue
-        location = store.member_location(snap.file)
+        location = store.member_location(snap["file"])
         assert location is not None
         file, offset, size = location
-        if size != snap.size:
+        if size != snap["size"]:
             checks.append(_SnapCheck(snap, Problem(
-                snap.file, f"is {size} bytes, bundle.json says {snap.size}")))
+                snap["file"], f"is {size} bytes, bundle.json says {snap['size']}")))
             continue
         check = _SnapCheck(snap, size=size)
         checks.append(check)
@@ -317,6 +329,8 @@ def _start_snaps(store: ArchiveStore, pool: ThreadPoolExecutor,
 
 
 async def _check_snaps(store: ArchiveStore, checks: list[_SnapCheck], report: VerifyReport) -> None:
+    if not checks:
+        return
     from gapkit.snaps import SnapAssertions, SnapError
 
     for check in checks:
@@ -328,17 +342,17 @@ async def _check_snaps(store: ArchiveStore, checks: list[_SnapCheck], report: Ve
         assert check.sha256 is not None and check.sha3_384 is not None
         (sha256,) = await check.sha256
         (sha3,) = await check.sha3_384
-        if sha256 != snap.sha256 or _sha3_b64(sha3) != snap.sha3_384:
-            report.problems.append(Problem(snap.file, "damaged: its content does not match "
+        if sha256 != snap["sha256"] or _sha3_b64(sha3) != snap["sha3_384"]:
+            report.problems.append(Problem(snap["file"], "damaged: its content does not match "
                                            "the digests bundle.json records"))
             continue
         try:
-            text = await store.read_member(snap.assertion, MAX_ASSERTION_SIZE)
-            assertions = SnapAssertions.parse(text, snap.assertion)
+            text = await store.read_member(snap["assertion"], MAX_ASSERTION_SIZE)
+            assertions = SnapAssertions.parse(text, snap["assertion"])
         except (GapkitError, SnapError) as exc:
-            report.problems.append(Problem(snap.assertion, exc.message))
+            report.problems.append(Problem(snap["assertion"], exc.message))
             continue
         if assertions.sha3_384 != _sha3_b64(sha3) or assertions.size != size:
             report.problems.append(Problem(
-                snap.file, f"does not match its assertion {snap.assertion} "
+                snap["file"], f"does not match its assertion {snap['assertion']} "
                 "(snap-sha3-384 or snap-size differ)"))
