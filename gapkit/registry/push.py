@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gapkit.bundle.sources import open_image_source
 from gapkit.errors import UsageError
 from gapkit.node.hosts_toml import Mirror, render, write_hosts_dir
 from gapkit.oci.auth import parse_user_password
@@ -182,6 +181,10 @@ async def push_source(
     With `hosts_dir`, the hosts.toml files (and the CA beside each) are also written under it:
     a certs.d folder to copy to the nodes, or to use with `ctr image pull --hosts-dir`.
     """
+    # Imported here: it reads bundle.json with pydantic, which `node configure` (importing
+    # this module for hosts_files) does not need unless it is given a bundle.
+    from gapkit.bundle.sources import open_image_source
+
     target = PushTarget.parse(target_text)
     opened = await open_image_source(source_path)
     try:
