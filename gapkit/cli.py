@@ -4,6 +4,7 @@ Exit codes: 0 success, 1 error, 2 bad usage or input, 3 not found, 70 internal b
 130 interrupted.
 """
 
+import gc
 import sys
 import traceback
 from collections.abc import Coroutine
@@ -574,7 +575,19 @@ _USAGE_ERRORS: tuple[type[Exception], ...] = (
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app and turn errors into messages and exit codes."""
+    """Entry point: run the app and turn errors into messages and exit codes; the process
+    ends next."""
+    try:
+        _main(argv)
+    finally:
+        # The interpreter's last garbage collection, at exit, walks every object the imports
+        # made (~15 ms of each run, a sixth of `bundle verify`'s start-up and exit). Frozen
+        # objects are skipped: only cyclic garbage left at exit is no longer collected, while
+        # atexit hooks and weakref.finalize callbacks (archive temp files) still run.
+        gc.freeze()
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
     except GapkitError as exc:
