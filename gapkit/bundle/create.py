@@ -1,18 +1,17 @@
-"""`gapkit bundle create`: resolve, fetch into a cache and write the bundle as blobs arrive.
+"""`gapkit bundle create`: resolve, then fetch every blob straight into the bundle.
 
-Images are fetched from their registries into a cache (an OCI layout, `--cache`), so a run that
-is stopped and started again fetches only what is missing, and bundles of related releases
-share what they have in common. Each blob goes on into the bundle as soon as it is in the
-cache, while the fetch goes on. The cache skips fsync, so a blob an earlier run left there is
-hashed again on its way into the bundle, and one that fails is dropped and fetched again; a
-blob fetched in this run was checked as it streamed in, and the kernel copies it unhashed. The
-bundle itself is written to a temporary file, fsynced and renamed only when complete.
+The bundle is written in the cache folder (`CACHE/partial/`, see `gapkit.bundle.reuse`),
+several blobs at once, each checked as it streams in, fsynced and moved onto the output only
+when complete. A build that is stopped (killed, or failed) leaves that partial bundle, and the
+next build takes every whole blob from it instead of fetching it again; bundles built before
+serve the same way for bundles of related releases. Each blob is written to disk once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -28,25 +27,24 @@ from gapkit.bundle.model import (
     BundleManifest,
     BundleSnap,
 )
+from gapkit.bundle.reuse import (
+    BlobPool,
+    ReusingSource,
+    built_bundles,
+    new_partial,
+    record_built,
+    remove_partials_of,
+    stopped_partials,
+)
 from gapkit.bundle.spec import BundleSpec
 from gapkit.catalog import ImageList, resolve_images
 from gapkit.errors import DigestMismatch
-from gapkit.oci.copy import (
-    DEFAULT_JOBS,
-    BlobFinished,
-    CopyEvent,
-    CopyReport,
-    CopyRequest,
-    EventHandler,
-    copy,
-    gather_all,
-)
-from gapkit.oci.fsutil import file_digest
+from gapkit.oci.copy import DEFAULT_JOBS, CopyReport, CopyRequest, EventHandler, copy
 from gapkit.oci.model import Digest, Platform
 from gapkit.oci.reference import Reference
-from gapkit.oci.stores.archive import ArchiveStore
-from gapkit.oci.stores.layout import LayoutStore
+from gapkit.oci.stores.archive import ArchiveStore, scan_blobs
 from gapkit.snaps import FetchedSnap, fetch_snaps
+from gapkit.units import human_bytes
 
 WarningHandler = Callable[[str], None]
 
@@ -112,119 +110,74 @@ async def create_bundle(
             dest=cache / "snaps" / channel.replace("/", "_"), snaps_from=spec.snaps.from_,
             include_snapd=spec.snaps.snapd, on_warning=note)
 
-    cache_layout = cache / "oci"
     output.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in (1, 2):
+    damaged: set[Digest] = set()
+    while True:
+        partials = await asyncio.to_thread(stopped_partials, cache)
+        files = partials + await asyncio.to_thread(built_bundles, cache)
+        pool = await asyncio.to_thread(BlobPool.scan, files, damaged)
+        source = ReusingSource(spec.registries.settings().store(), pool)
+        partial = new_partial(cache, output)
         try:
-            return await _build(spec, resolved, output, cache_layout, requests, sources, snaps,
-                                platforms, jobs, on_event, warnings)
+            report = await _build(spec, resolved, output, partial, source, requests, sources,
+                                  snaps, platforms, jobs, on_event, warnings)
         except DigestMismatch as exc:
-            if attempt == 2:
-                raise
-            # A cached blob went bad (the cache is not fsynced): drop it and fetch it again.
-            bad = cache_layout / "blobs" / exc.expected.replace(":", "/", 1)
-            with contextlib.suppress(FileNotFoundError):
-                bad.unlink()
-            note(f"cached blob {exc.expected} was damaged; fetched it again")
-    raise AssertionError("unreachable")
-
-
-class _CacheToBundle:
-    """Appends each blob to the bundle as soon as it is in the cache, while the fetch goes on.
-
-    A blob fetched in this run passed a `VerifiedStream` on its way into the cache, so the
-    kernel copies it into the bundle unhashed. A blob that was in the cache already (an earlier
-    run's, never fsynced) is hashed first, several at once; a mismatch is a `DigestMismatch`
-    that `create_bundle` heals by fetching the blob again.
-    """
-
-    def __init__(self, cache: LayoutStore, bundle: ArchiveStore, jobs: int) -> None:
-        self.cache = cache
-        self.bundle = bundle
-        self.slots = asyncio.Semaphore(jobs)
-        self.queue: asyncio.Queue[BlobFinished | None] = asyncio.Queue()
-        self.seen: set[Digest] = set()
-
-    def on_event(self, event: CopyEvent) -> None:
-        if isinstance(event, BlobFinished) and event.digest not in self.seen:
-            self.seen.add(event.digest)
-            self.queue.put_nowait(event)
-
-    def finish(self) -> None:
-        self.queue.put_nowait(None)
-
-    async def run(self) -> None:
-        appends: list[asyncio.Task[None]] = []
-        try:
-            while (event := await self.queue.get()) is not None:
-                await self.slots.acquire()
-                for done in [task for task in appends if task.done()]:
-                    done.result()  # a failed append stops the build (and the fetch) now
-                    appends.remove(done)
-                appends.append(asyncio.ensure_future(self._append(event)))
-            await gather_all(appends)
+            # A blob in an earlier bundle or partial went bad (they are checked on use):
+            # leave it out and fetch it again. A wrong blob from a registry is an error.
+            digest = Digest.parse(exc.expected)
+            if digest in source.reused and digest not in damaged:
+                damaged.add(digest)
+                note(f"blob {digest} in {source.where(digest)} was damaged; fetched it again")
+                continue
+            _tell_kept(partial, warn)
+            raise
+        except BaseException:
+            _tell_kept(partial, warn)
+            raise
         finally:
-            for task in appends:
-                task.cancel()
-            await asyncio.gather(*appends, return_exceptions=True)
-
-    async def _append(self, event: BlobFinished) -> None:
-        try:
-            location = await self.cache.blob_location(event.digest)
-            if location is None:
-                return  # the final copy from the cache names what is missing
-            if event.how != "copied":
-                hexdigest = await asyncio.to_thread(
-                    file_digest, location[0], event.digest.algorithm)
-                actual = f"{event.digest.algorithm}:{hexdigest}"
-                if actual != str(event.digest):
-                    raise DigestMismatch(str(event.digest), actual, str(location[0]))
-            await self.bundle.put_checked_blob(event.digest, event.size, location)
-        finally:
-            self.slots.release()
+            await source.close()
+        await asyncio.to_thread(remove_partials_of, cache, output, partials)
+        await asyncio.to_thread(record_built, cache, output)
+        return report
 
 
-async def _fetch(spec: BundleSpec, cache: LayoutStore, requests: list[CopyRequest],
+def _tell_kept(partial: Path, warn: WarningHandler) -> None:
+    """After a failed build: say where its whole blobs are kept, or remove a partial bundle
+    that holds none."""
+    with contextlib.suppress(OSError):
+        blobs = scan_blobs(partial)
+        if not blobs:
+            partial.unlink()
+            return
+        size = sum(size for _, size in blobs.values())
+        warn(f"what was fetched so far ({human_bytes(size)}) is kept in {partial}: run the "
+             "same command again to go on from there, or delete that file")
+
+
+async def _build(spec: BundleSpec, resolved: ImageList, output: Path, partial: Path,
+                 source: ReusingSource, requests: list[CopyRequest],
+                 sources: dict[Reference, tuple[str, ...]], snaps: list[FetchedSnap],
                  platforms: list[Platform], jobs: int, on_event: EventHandler | None,
-                 feeder: _CacheToBundle) -> CopyReport:
-    def events(event: CopyEvent) -> None:
-        feeder.on_event(event)
-        if on_event is not None:
-            on_event(event)
-
-    source = spec.registries.settings().store()
-    try:
-        return await copy(source, cache, requests, platforms, jobs, events)
-    finally:
-        feeder.finish()
-        await source.close()
-
-
-async def _build(spec: BundleSpec, resolved: ImageList, output: Path, cache_layout: Path,
-                 requests: list[CopyRequest], sources: dict[Reference, tuple[str, ...]],
-                 snaps: list[FetchedSnap], platforms: list[Platform], jobs: int,
-                 on_event: EventHandler | None, warnings: list[str]) -> CreateReport:
-    """Fetch into the cache and write the bundle at the same time, then add the manifests."""
-    cache = LayoutStore(cache_layout, durable=False)
-    try:
-        async with ArchiveStore.create(output, format="oci") as bundle:
-            feeder = _CacheToBundle(cache, bundle, jobs)
-            fetched = (await gather_all([
-                _fetch(spec, cache, requests, platforms, jobs, on_event, feeder), feeder.run()]))[0]
-            assert isinstance(fetched, CopyReport)
-            return await _finish_bundle(spec, resolved, output, cache, bundle, requests,
-                                        sources, snaps, fetched, platforms, warnings)
-    finally:
-        await cache.close()
+                 warnings: list[str]) -> CreateReport:
+    """Every image into the bundle (blobs several at once, then manifests), then the snaps
+    and bundle.json; the report counts blobs taken from earlier files as present."""
+    async with ArchiveStore.create(output, format="oci",
+                                   keep_at=partial) as bundle:
+        copied = await copy(source, bundle, requests, platforms, jobs, on_event)
+        fetched = dataclasses.replace(
+            copied, blobs_copied=copied.blobs_copied - len(source.reused),
+            bytes_copied=copied.bytes_copied - sum(source.reused.values()),
+            blobs_present=copied.blobs_present + len(source.reused),
+            bytes_present=copied.bytes_present + sum(source.reused.values()))
+        return await _finish_bundle(spec, resolved, output, bundle, sources, snaps, fetched,
+                                    platforms, warnings)
 
 
 async def _finish_bundle(spec: BundleSpec, resolved: ImageList, output: Path,
-                         source: LayoutStore, bundle: ArchiveStore, requests: list[CopyRequest],
-                         sources: dict[Reference, tuple[str, ...]], snaps: list[FetchedSnap],
-                         fetched: CopyReport, platforms: list[Platform],
-                         warnings: list[str]) -> CreateReport:
-    """Manifests and indexes (every blob is in the bundle already), snaps and bundle.json."""
-    written = await copy(source, bundle, requests, platforms)
+                         bundle: ArchiveStore, sources: dict[Reference, tuple[str, ...]],
+                         snaps: list[FetchedSnap], written: CopyReport,
+                         platforms: list[Platform], warnings: list[str]) -> CreateReport:
+    """Snaps and bundle.json, after every image."""
     bundle_snaps: list[BundleSnap] = []
     for snap in snaps:
         for local, member in ((snap.path, snap.file_name), (snap.assert_path, snap.assert_name)):
@@ -260,4 +213,4 @@ async def _finish_bundle(spec: BundleSpec, resolved: ImageList, output: Path,
         yield data
 
     await bundle.put_member(BUNDLE_JSON, len(data), once())
-    return CreateReport(manifest, output, fetched, warnings)
+    return CreateReport(manifest, output, written, warnings)

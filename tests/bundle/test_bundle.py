@@ -26,6 +26,7 @@ import pytest
 from gapkit.catalog import resolve_images
 from tests.support.cli import gapkit
 from tests.support.containerd import Containerd
+from tests.support.images import partial_bundle_blobs
 from tests.support.snaps import make_snap
 from tests.support.upstreams import Upstreams
 
@@ -211,10 +212,11 @@ def test_verify_names_each_kind_of_damage_and_other_commands_refuse_it(
 
 def test_an_interrupted_build_restarts_without_fetching_finished_blobs(
         upstreams: Upstreams, tmp_path: Path) -> None:
+    """The build writes its bundle in the cache until it is complete; a killed build leaves it
+    there, and the next one takes every whole blob from it instead of fetching it again."""
     refs = [f"docker.io/team/app{i}:1" for i in range(4)]
     upstreams.push(refs, layer_size=8_000_000)
     cache = tmp_path / "cache"
-    blobs = cache / "oci" / "blobs" / "sha256"
     args = [sys.executable, "-m", "gapkit", "bundle", "create", "--jobs", "1", "--cache",
             str(cache), "-o", str(tmp_path / "b.tar"), *[f"--image={r}" for r in refs],
             *upstreams.mirror_flags(), "--plain-http", upstreams.registries["docker.io"].host]
@@ -222,45 +224,73 @@ def test_an_interrupted_build_restarts_without_fetching_finished_blobs(
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline:
-            # Finished blobs only: a temp file (".…") may be renamed between glob and stat.
-            big = [p for p in blobs.glob("[!.]*") if p.stat().st_size > 1_000_000] \
-                if blobs.exists() else []
-            if len(big) >= 2:
+            if sum(size > 1_000_000 for size in partial_bundle_blobs(cache).values()) >= 2:
                 break
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    kept = {p.name for p in blobs.glob("*") if not p.name.startswith(".")}
-    assert not (tmp_path / "b.tar").exists()
-    out = gapkit(*args[3:], "--json")
-    fetched = json.loads(out.stdout)["fetched"]
-    assert fetched["blobs_present"] >= len(kept) - 1
-    assert fetched["bytes_copied"] < 4 * 2_100_000 + 8_100_000
+    kept = partial_bundle_blobs(cache)
+    assert not (tmp_path / "b.tar").exists() and len(kept) >= 2
+    report = json.loads(gapkit(*args[3:], "--json").stdout)
+    fetched = report["fetched"]
+    # every layer and config is fetched once, except the whole ones the killed build left
+    # (manifests, which it also wrote, are always fetched again: a tag may have moved)
+    manifests = {image["digest"] for image in report["manifest"]["images"]}
+    kept = {digest: size for digest, size in kept.items() if digest not in manifests}
+    assert fetched["bytes_copied"] + sum(kept.values()) == report["manifest"]["blob_bytes"]
+    assert fetched["blobs_present"] >= len(kept) >= 1
     assert json.loads(gapkit("bundle", "verify", "--json", str(tmp_path / "b.tar")).stdout)["ok"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.tar")]
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
+    assert list((cache / "partial").iterdir()) == []  # the partial became the bundle
 
 
-def test_a_damaged_cached_blob_is_fetched_again_and_a_warm_build_matches_the_cold_one(
+def test_a_damaged_blob_of_an_earlier_bundle_is_fetched_again_and_a_warm_build_matches(
         upstreams: Upstreams, tmp_path: Path) -> None:
+    """Bundles built before serve as the cache of the next build; their blobs are checked on
+    use, so a damaged one is fetched again and named in a warning."""
     refs = [f"docker.io/team/app{i}:1" for i in range(2)]
     upstreams.push(refs, layer_size=3_000_000)
     cache = tmp_path / "cache"
     flags = ["--no-snaps", "--cache", str(cache), *[f"--image={r}" for r in refs],
              *upstreams.source_flags(), "--json"]
-    cold = json.loads(gapkit("bundle", "create", "-o", str(tmp_path / "cold.tar"), *flags).stdout)
+    cold_tar = tmp_path / "cold.tar"
+    cold = json.loads(gapkit("bundle", "create", "-o", str(cold_tar), *flags).stdout)
     assert cold["fetched"]["blobs_copied"] > 0 and not cold["warnings"]
-    blobs = cache / "oci" / "blobs" / "sha256"
-    biggest = max(blobs.iterdir(), key=lambda p: p.stat().st_size)
-    data = bytearray(biggest.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    biggest.write_bytes(bytes(data))
+    assert cold["fetched"]["bytes_copied"] == cold["manifest"]["blob_bytes"]
+
     warm = json.loads(gapkit("bundle", "create", "-o", str(tmp_path / "warm.tar"), *flags).stdout)
-    assert warm["warnings"] == [f"cached blob sha256:{biggest.name} was damaged; fetched it again"]
-    assert warm["fetched"]["blobs_copied"] == 1
-    assert hashlib.sha256(biggest.read_bytes()).hexdigest() == biggest.name
-    for name in ("cold.tar", "warm.tar"):
+    assert warm["fetched"]["bytes_copied"] == 0 and not warm["warnings"]
+    assert warm["fetched"]["bytes_present"] >= cold["manifest"]["blob_bytes"]
+
+    with tarfile.open(cold_tar) as tar:
+        biggest = max((m for m in tar if m.name.startswith("blobs/sha256/")),
+                      key=lambda m: m.size)
+    digest = "sha256:" + biggest.name.rsplit("/", 1)[1]
+    # Rot on disk, which leaves size and times as they were (a file changed by a program is
+    # not used at all). The newest bundle is the first source.
+    warm_tar = tmp_path / "warm.tar"
+    times = warm_tar.stat()
+    with open(warm_tar, "r+b") as f:
+        f.seek(find_member(warm_tar, biggest.name) + biggest.size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(warm_tar, ns=(times.st_atime_ns, times.st_mtime_ns))
+    again = json.loads(gapkit("bundle", "create", "-o", str(tmp_path / "again.tar"),
+                              *flags).stdout)
+    assert again["warnings"] == [
+        f"blob {digest} in {tmp_path / 'warm.tar'} was damaged; fetched it again"]
+    assert again["fetched"]["blobs_copied"] == 1
+    assert again["fetched"]["bytes_copied"] == biggest.size
+    for name in ("cold.tar", "again.tar"):
         assert json.loads(gapkit("bundle", "verify", "--json", str(tmp_path / name)).stdout)["ok"]
-    assert [i["digest"] for i in warm["manifest"]["images"]] == \
+    assert [i["digest"] for i in again["manifest"]["images"]] == \
         [i["digest"] for i in cold["manifest"]["images"]]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
+
+
+def find_member(archive: Path, name: str) -> int:
+    """Where member `name`'s data starts in `archive`."""
+    with tarfile.open(archive) as tar:
+        return tar.getmember(name).offset_data

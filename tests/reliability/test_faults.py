@@ -200,6 +200,9 @@ def test_bundle_create_fails_cleanly_once_retries_are_spent(
     assert fault.fired == int(RETRIES) + 1
     assert list((tmp_path / "out").iterdir()) == []
     assert dot_files(tmp_path / "cache") == []
+    # what was fetched stays in the cache for the next run, which the message says
+    kept = list((tmp_path / "cache" / "partial").iterdir())
+    assert len(kept) == 1 and f"is kept in {kept[0]}: run the same command again" in out.stderr
 
 
 # --- gapkit registry push ------------------------------------------------------------------------

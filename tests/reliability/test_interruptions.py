@@ -24,7 +24,7 @@ import pytest
 
 from tests.support.cli import gapkit
 from tests.support.faults import Fault, FaultProxy
-from tests.support.images import ImageSpec, make_layer, write_layout
+from tests.support.images import ImageSpec, make_layer, partial_bundle_blobs, write_layout
 from tests.support.peers import Registry
 from tests.support.reliability import Source, dot_files, skopeo_reads
 
@@ -184,7 +184,7 @@ def test_bundle_create_killed_at_a_byte_resumes_from_its_cache(
             "--cache", str(cache), "-o", str(output), "--json"]
     kill_at(proxy, fraction, many, args)
     first = per_blob(proxy, many)
-    complete = layout_blobs(cache / "oci") & set(many.blobs)
+    complete = set(partial_bundle_blobs(cache)) & set(many.blobs)
     assert not output.exists()
     proxy.clear()
 
@@ -196,6 +196,7 @@ def test_bundle_create_killed_at_a_byte_resumes_from_its_cache(
     gapkit("bundle", "verify", str(output))
     assert skopeo_reads(f"oci-archive:{output}:{IMAGE}", tmp_path / "read") == many.digest
     assert dot_files(tmp_path) == []
+    assert list((cache / "partial").iterdir()) == []  # the killed run's partial is used up
 
 
 @pytest.fixture(scope="module")

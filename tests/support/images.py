@@ -143,3 +143,23 @@ def file_digest(path: Path) -> str:
 
 def random_bytes(size: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(size) if size < (64 << 20) else os.urandom(size)
+
+
+def partial_bundle_blobs(cache: Path) -> dict[str, int]:
+    """`sha256:…` -> size of every whole blob in the partial bundles of `cache` (what builds that
+    were stopped left, see `gapkit.bundle.reuse`), read with Python's tarfile, not gapkit's.
+
+    A blob's member is named `blobs/sha256/…` only once its bytes are all written and checked;
+    until then it is `gapkit/pending/…`. A partial bundle has no end-of-archive blocks: tarfile
+    stops at the end of the file.
+    """
+    found: dict[str, int] = {}
+    for partial in sorted((cache / "partial").glob("*.tar")):
+        try:
+            with tarfile.open(partial) as tar:
+                for member in tar:
+                    if member.isreg() and member.name.startswith("blobs/sha256/"):
+                        found["sha256:" + member.name.rsplit("/", 1)[1]] = member.size
+        except tarfile.TarError:
+            continue  # being written as we read it: the caller polls again
+    return found

@@ -20,10 +20,17 @@ absolute or contain `..` are never used; symbolic and hard links are followed on
 inside the archive.
 
 Writing (`ArchiveStore.create`) streams blobs straight into a tar on a temporary file next to
-the target, one member after another, and only `close()` writes the index (`index.json` for
-format `"oci"`, `manifest.json` + `repositories` for format `"docker"`), fsyncs and renames the
-file onto the target. Until then, and whenever anything fails, the target is left untouched;
-`abort()` (or leaving an `async with` block by an exception) removes the temporary file.
+the target, and only `close()` writes the index (`index.json` for format `"oci"`,
+`manifest.json` + `repositories` for format `"docker"`), fsyncs and renames the file onto the
+target. Until then, and whenever anything fails, the target is left untouched; `abort()` (or
+leaving an `async with` block by an exception) removes the temporary file, unless it was
+created as a resume point (`keep_at`), which `scan_blobs` reads back.
+
+Several blobs stream in at once: each `put_blob` reserves the blob's region (header and data,
+its size is known from the descriptor) at the end of the file and fills it at its own pace.
+Until its bytes are complete and checked, the member is named `gapkit/pending/<alg>/<hex>`;
+the header is then rewritten with its real name, so a killed writer's file names only whole
+blobs as `blobs/...`.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -301,6 +309,39 @@ def _walk(path: Path) -> _TarIndex:
         return _TarIndex(path, file_size, entries, unsafe, duplicates)
 
 
+def scan_blobs(path: Path) -> dict[Digest, tuple[int, int]]:
+    """The blob members of a tar, finished or not: digest -> (offset, size) of the data.
+
+    For reusing blobs of an earlier archive, or of a writer's `keep_at` file that was never
+    finished (a kill, an error): headers are read until the first thing that is not one (the
+    end of a partial file), members still named pending are passed over, and a member whose
+    data the file does not hold is left out. Nothing is verified here: hash before trusting.
+    """
+    found: dict[Digest, tuple[int, int]] = {}
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        file_size = os.fstat(fd).st_size
+        position, named_elsewhere = 0, False
+        for _ in range(MAX_MEMBERS):
+            block = os.pread(fd, _BLOCK, position)
+            try:
+                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError:
+                break
+            data = position + _BLOCK
+            if info.size < 0:
+                break
+            match = _BLOB_PATH.match(info.name)
+            if (match and info.isreg() and not named_elsewhere
+                    and data + info.size <= file_size):
+                with contextlib.suppress(InvalidReference, ValueError):
+                    found[Digest.parse(f"{match[1]}:{match[2]}")] = (data, info.size)
+            # a pax or GNU long-name header gives the next member a name its own header lacks
+            named_elsewhere = info.type in _META_HEADER_TYPES
+            position = data + info.size + (-info.size % _BLOCK)
+    return found
+
+
 def _pread_exact(path: Path, offset: int, size: int) -> bytes:
     with open(path, "rb") as f:
         data = os.pread(f.fileno(), size, offset)
@@ -356,6 +397,28 @@ WRITE_BACK_STEP = 128 << 20
 
 
 @dataclass
+class _Region:
+    """Room reserved in an archive being written for one blob: a header at `start`, then
+    `size` bytes of data and the padding to a whole block."""
+
+    digest: Digest
+    size: int
+    start: int
+    header_size: int
+    #: A `put_blob` is filling it; others for the same blob wait for `idle`.
+    busy: bool = True
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def data(self) -> int:
+        return self.start + self.header_size
+
+    @property
+    def end(self) -> int:
+        return self.data + self.size + (-self.size % _BLOCK)
+
+
+@dataclass
 class _Writer:
     """State of an archive being written."""
 
@@ -365,9 +428,12 @@ class _Writer:
     platform: Platform
     finalizer: weakref.finalize[Any, Any]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: The end of the archive so far: where the next member or blob region starts.
     position: int = 0
-    #: Where the last fdatasync reached (see `ArchiveStore._write_back`).
-    written_back: int = 0
+    #: Bytes written since the last fdatasync (see `ArchiveStore._write_back`).
+    unsynced: int = 0
+    #: Blob regions reserved and not (yet) complete, by (digest, size).
+    regions: dict[tuple[Digest, int], _Region] = field(default_factory=dict)
     broken: str | None = None
     extra_members: dict[str, _Member] = field(default_factory=dict)
     #: docker format: name -> the image manifest written for it.
@@ -425,7 +491,8 @@ class ArchiveStore:
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], format: ArchiveFormat = "oci", *,
-               platform: Platform | None = None) -> ArchiveStore:
+               platform: Platform | None = None,
+               keep_at: Path | None = None) -> ArchiveStore:
         """Start writing an archive that will appear at `path` when `close()` succeeds.
 
         `format="oci"` writes an OCI image layout tar (what `ctr image import`,
@@ -436,23 +503,31 @@ class ArchiveStore:
         which `docker load`, `ctr image import` and `skopeo … docker-archive:` accept); it
         holds one platform per name, chosen with `platform` (default: this host's), see
         `put_manifest`.
+
+        `keep_at` (a new file's path) writes the archive there instead of next to `path` and
+        keeps it when the archive is not finished (an error, `abort`, a kill): a resume point
+        whose whole blobs `scan_blobs` finds. It is locked (`flock`) while being written, and
+        moved onto `path` by `close()` (copied, when on another filesystem).
         """
         if format not in FORMATS:
             raise UsageError(f"archive format {format!r} is not one of {', '.join(FORMATS)}")
         target = Path(path)
         store = cls(target, format)
         remove_dead_temps(target.parent, target.name)
-        temp = temp_path(target)
+        temp = keep_at or temp_path(target)
         try:
             # O_EXCL: never reuse a file; 0o666 & umask, as a plain `open` would create it.
             fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except OSError as exc:
-            raise StoreError(f"cannot write next to {target}: {exc.strerror or exc}",
+            raise StoreError(f"cannot write {temp}: {exc.strerror or exc}",
                              hint="check that the folder exists and is writable") from None
+        if keep_at is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else holds it
         file = os.fdopen(fd, "w+b")
         executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="gapkit-archive")
-        finalizer = weakref.finalize(store, _discard_temp, file, temp, executor)
+        finalizer = weakref.finalize(store, _discard_temp, file, temp, executor,
+                                     keep_at is not None)
         store._writer = _Writer(temp, file, executor, platform or Platform.host(),
                                 finalizer)
         store._data_path = temp
@@ -853,54 +928,99 @@ class ArchiveStore:
 
     async def put_blob(self, repository: Repository, descriptor: Descriptor,
                        chunks: AsyncIterator[bytes]) -> None:
-        """Append the blob as member `blobs/<alg>/<hex>`; a blob already written is skipped.
+        """Write the blob as member `blobs/<alg>/<hex>`; a blob already written is skipped.
 
-        The digest and size are checked while streaming (unless `chunks` is a
-        `VerifiedStream`, which checks itself). If the stream fails, the member is cut off
-        again, so the archive stays as it was before the call.
+        Several puts run at once, each into a region reserved for it (see the module's
+        docstring). The digest and size are checked while streaming (unless `chunks` is a
+        `VerifiedStream`, which checks itself). If the stream fails, the blob is not in the
+        archive: its region is cut off when it is the last one, else kept for the next put of
+        the same blob (or, at `close()`, renamed `gapkit/unused/…`).
         """
         writer = self._require_writer()
-        async with writer.lock:
-            self._check_writable(writer)
-            if descriptor.digest in self._blobs:
-                return
-            check = None if isinstance(chunks, VerifiedStream) else descriptor
-            member = await self._write_member(
-                _blob_name(descriptor.digest), descriptor.size, chunks, check)
-            self._blobs[descriptor.digest] = member
+        key = (descriptor.digest, descriptor.size)
+        while True:
+            async with writer.lock:
+                self._check_writable(writer)
+                if descriptor.digest in self._blobs:
+                    return
+                region = writer.regions.get(key)
+                if region is None:
+                    region = await self._reserve(writer, descriptor)
+                    break
+                if not region.busy:
+                    region.busy = True
+                    region.idle.clear()
+                    break
+                idle = region.idle
+            await idle.wait()
+        check = None if isinstance(chunks, VerifiedStream) else descriptor
+        try:
+            await self._fill(writer, region, chunks, check)
+            await self._io(_pwrite, writer.file.fileno(),
+                           _header(_blob_name(region.digest), region.size), region.start)
+        except BaseException:
+            self._release(writer, key, region)
+            closer = getattr(chunks, "aclose", None)
+            if closer is not None:  # we stopped reading it: let its source go now, not at GC
+                with contextlib.suppress(Exception):
+                    await closer()
+            raise
+        del writer.regions[key]
+        region.idle.set()
+        self._blobs[region.digest] = _Member(_blob_name(region.digest), region.data, region.size)
+        writer.unsynced += region.size
+        await self._write_back(writer)
 
-    async def put_checked_blob(self, digest: Digest, size: int,
-                               location: tuple[Path, int, int]) -> None:
-        """Append blob `digest` of `size` bytes from bytes on disk (`(file, offset, size)`),
-        copied by the kernel and not hashed again.
+    async def _reserve(self, writer: _Writer, descriptor: Descriptor) -> _Region:
+        """Room for the blob at the end of the archive, under a pending name (writer.lock held)."""
+        header = _header(_pending_name(descriptor.digest), descriptor.size)
+        if len(header) != len(_header(_blob_name(descriptor.digest), descriptor.size)):
+            raise StoreError(f"cannot write blob {descriptor.digest}: its name is too long")
+        region = _Region(descriptor.digest, descriptor.size, writer.position, len(header))
+        writer.regions[(descriptor.digest, descriptor.size)] = region
+        writer.position = region.end
+        try:
+            await self._io(_reserve_range, writer.file, region.start, header, region.end)
+        except BaseException:
+            self._release(writer, (descriptor.digest, descriptor.size), region)
+            raise
+        return region
 
-        Only for bytes the caller has already checked against the digest (fetched through a
-        `VerifiedStream` or hashed just before); the size is still checked. A blob already
-        written is skipped; on failure the member is cut off again.
-        """
-        writer = self._require_writer()
-        path, offset, found = location
-        if found != size:
-            raise DigestMismatch(str(digest), f"{found} bytes where its descriptor declares "
-                                 f"{size}", str(path))
-        async with writer.lock:
-            self._check_writable(writer)
-            if digest in self._blobs:
-                return
-            start = writer.position
-            header = _header(_blob_name(digest), size)
-            try:
-                await self._io(_append_range, writer.file, start, header, path, offset, size)
-            except OSError as exc:
-                self._rollback(writer, start)
-                raise StoreError(f"cannot copy {path} into {self.path}: {exc.strerror or exc}",
-                                 hint="check the free space and permissions there") from exc
-            except BaseException:
-                self._rollback(writer, start)
-                raise
-            writer.position = start + len(header) + size + (-size % _BLOCK)
-            self._blobs[digest] = _Member(_blob_name(digest), start + len(header), size)
-            await self._write_back(writer)
+    async def _fill(self, writer: _Writer, region: _Region, chunks: AsyncIterator[bytes],
+                    check: Descriptor | None) -> None:
+        name = _blob_name(region.digest)
+        where = f"the stream for {name} in {self.path}"
+        hasher = check.digest.hasher() if check is not None else None
+
+        def wrong(detail: str) -> GapkitError:
+            return DigestMismatch(str(region.digest), detail, where)
+
+        fd = writer.file.fileno()
+        received = 0
+        async for chunk in chunks:
+            if not chunk:
+                continue
+            if received + len(chunk) > region.size:
+                raise wrong(f"it is longer than the {region.size} bytes its descriptor declares")
+            await self._io(_pwrite, fd, chunk, region.data + received, hasher)
+            received += len(chunk)
+        if received != region.size:
+            raise wrong(f"it is {received} bytes where its descriptor declares {region.size}")
+        if hasher is not None:
+            actual = f"{region.digest.algorithm}:{hasher.hexdigest()}"
+            if actual != str(region.digest):
+                raise DigestMismatch(str(region.digest), actual, where)
+
+    def _release(self, writer: _Writer, key: tuple[Digest, int], region: _Region) -> None:
+        """After a failed fill: cut the region off if it is the last one, else keep it (its
+        header still says pending) for the next put of the blob. Synchronous, so a cancelled
+        put still runs all of it."""
+        region.busy = False
+        region.idle.set()
+        if region.end == writer.position:
+            del writer.regions[key]
+            writer.position = region.start
+            self._rollback(writer, region.start)
 
     # ---- Store: names ------------------------------------------------------------------
 
@@ -1097,15 +1217,16 @@ class ArchiveStore:
                     await closer()
             raise
         writer.position = start + len(header) + size + (-size % _BLOCK)
+        writer.unsynced += size
         await self._write_back(writer)
         return _Member(name, start + len(header), size)
 
     async def _write_back(self, writer: _Writer) -> None:
         """fdatasync every `WRITE_BACK_STEP` bytes, so the disk writes the archive while it is
         still being fetched, and the fsync of `close()` has only the last part left to wait for."""
-        if writer.position - writer.written_back >= WRITE_BACK_STEP:
+        if writer.unsynced >= WRITE_BACK_STEP:
+            writer.unsynced = 0
             await self._io(os.fdatasync, writer.file.fileno())
-            writer.written_back = writer.position
 
     def _rollback(self, writer: _Writer, start: int) -> None:
         """Cut the temp file back to `start`. Queued on the writer thread, so it runs after
@@ -1136,11 +1257,17 @@ class ArchiveStore:
             if self._closed:
                 return
             try:
+                while busy := [r.idle for r in writer.regions.values() if r.busy]:
+                    await asyncio.wait([asyncio.ensure_future(e.wait()) for e in busy])
                 await self._io(_noop)  # everything queued (rollbacks too) has run
                 self._check_writable(writer)
+                for region in writer.regions.values():  # failed and never put again
+                    await self._io(_pwrite, writer.file.fileno(), _header(
+                        f"gapkit/unused/{region.start}", region.size), region.start)
+                writer.regions.clear()
                 for name, data in self._index_members(writer):
                     await self._write_member(name, len(data), _single(data))
-                await self._io(_finish, writer.file, writer.temp, self.path)
+                await self._io(_finish, writer.file, writer.position, writer.temp, self.path)
             except BaseException:
                 await self._discard(writer)
                 raise
@@ -1202,6 +1329,12 @@ def _blob_name(digest: Digest) -> str:
     return f"blobs/{digest.algorithm}/{digest.hex}"
 
 
+def _pending_name(digest: Digest) -> str:
+    """A blob's member name while its region is being filled (its header is the same size as
+    the final one's: both fit tar's 100-character name field, or both need one pax block)."""
+    return f"gapkit/pending/{digest.algorithm}/{digest.hex}"
+
+
 def _header(name: str, size: int, directory: bool = False) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = 0 if directory else size
@@ -1228,60 +1361,55 @@ def _write_at(file: Any, position: int, data: bytes) -> None:
     file.write(data)
 
 
+def _pwrite(fd: int, data: bytes, position: int, hasher: Any = None) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, position)
+        view, position = view[written:], position + written
+    if hasher is not None:
+        hasher.update(data)
+
+
+def _reserve_range(file: Any, start: int, header: bytes, end: int) -> None:
+    """Write a blob region's header and make the file reach the region's end (a hole until
+    the data is written), so a reader of a partial file can walk past it."""
+    file.flush()
+    _pwrite(file.fileno(), header, start)
+    if os.fstat(file.fileno()).st_size < end:
+        os.ftruncate(file.fileno(), end)
+
+
 def _append(file: Any, data: bytes, hasher: Any) -> None:
     file.write(data)
     if hasher is not None:
         hasher.update(data)
 
 
-def _append_range(file: Any, position: int, header: bytes, source: Path, offset: int,
-                  size: int) -> None:
-    """Write `header` at `position`, then `size` bytes of `source` from `offset` by
-    `copy_file_range` (in the kernel; a plain read/write loop where it is refused), then the
-    padding to a whole block."""
-    _write_at(file, position, header)
-    file.flush()
-    out_fd = file.fileno()
-    start = position + len(header)
-    copied = 0
-    with open(source, "rb") as src:
-        fd = src.fileno()
-        try:
-            while copied < size:
-                n = os.copy_file_range(fd, out_fd, size - copied, offset + copied, start + copied)
-                if n == 0:
-                    break
-                copied += n
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-        while copied < size:
-            chunk = os.pread(fd, min(CHUNK_SIZE, size - copied), offset + copied)
-            if not chunk:
-                break
-            os.pwrite(out_fd, chunk, start + copied)
-            copied += len(chunk)
-    if copied != size:
-        raise OSError(errno.EIO, f"{source} ended after {copied} of {size} bytes")
-    file.seek(start + size)
-    file.write(b"\0" * (-size % _BLOCK))
-    file.flush()
-
-
-def _finish(file: Any, temp: Path, target: Path) -> None:
+def _finish(file: Any, end: int, temp: Path, target: Path) -> None:
     """End-of-archive blocks, padding to a whole record, fsync, rename, fsync the folder.
 
     Once the rename is done the archive is committed: a failing folder fsync is not reported
     as a failed close (the file is complete; only its name might not survive a power loss).
+    A file on another filesystem than the target (a resume point in a cache) is copied next to
+    the target first, then renamed.
     """
-    end = file.tell()
     trailer = 2 * _BLOCK
     trailer += -(end + trailer) % _RECORD
+    file.seek(end)
     file.write(b"\0" * trailer)
+    file.truncate()
     file.flush()
     os.fsync(file.fileno())
-    file.close()
-    os.replace(temp, target)
+    try:
+        os.replace(temp, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy_across(file, target)
+        file.close()
+        temp.unlink()
+    else:
+        file.close()
     with contextlib.suppress(OSError):
         folder = os.open(target.parent, os.O_RDONLY)
         try:
@@ -1290,9 +1418,43 @@ def _finish(file: Any, temp: Path, target: Path) -> None:
             os.close(folder)
 
 
-def _discard_temp(file: Any, temp: Path, executor: concurrent.futures.ThreadPoolExecutor) -> None:
+def _copy_across(file: Any, target: Path) -> None:
+    """Copy the finished archive open as `file` onto `target` of another filesystem: a temp
+    file next to it, fsynced and renamed."""
+    size = os.fstat(file.fileno()).st_size
+    temp = temp_path(target)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        copied = 0
+        with contextlib.suppress(OSError):  # refused across some filesystems: copied below
+            while copied < size:
+                n = os.copy_file_range(file.fileno(), fd, size - copied, copied, copied)
+                if n == 0:
+                    break
+                copied += n
+        while copied < size:
+            chunk = os.pread(file.fileno(), min(CHUNK_SIZE, size - copied), copied)
+            if not chunk:
+                raise OSError(errno.EIO, f"{file.name} ended after {copied} of {size} bytes")
+            _pwrite(fd, chunk, copied)
+            copied += len(chunk)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(temp, target)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+
+
+def _discard_temp(file: Any, temp: Path, executor: concurrent.futures.ThreadPoolExecutor,
+                  keep: bool) -> None:
     executor.shutdown(wait=False, cancel_futures=True)
     with contextlib.suppress(OSError, ValueError):
         file.close()
-    with contextlib.suppress(FileNotFoundError):
-        temp.unlink()
+    if not keep:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
