@@ -113,7 +113,7 @@ def copy_command(
     platforms = [Platform.parse(p) for p in platform]
     with ui.copy_progress(None if not as_json else False) as on_event:
         report = _run(copy_images(source, destination, settings, platforms, all_platforms,
-                                         jobs, on_event))
+                                  jobs, on_event))
     _render_copy(report, as_json)
 
 
@@ -273,7 +273,7 @@ def images_export_command(
     platforms = [Platform.parse(p) for p in platform]
     with ui.copy_progress(None if not as_json else False) as on_event:
         report = _run(export_images(bundle, output, platforms or None,
-                                           archive_format_of(archive_format), on_event=on_event))
+                                    archive_format_of(archive_format), on_event=on_event))
     _render_copy(report, as_json)
 
 
@@ -309,7 +309,7 @@ def registry_push_command(
     platforms = [Platform.parse(p) for p in platform] or None
     with ui.copy_progress(None if not as_json else False) as on_event:
         report = _run(push_source(source, to, options, upstream_prefix, platforms, jobs,
-                                         on_event, hosts_dir, retries, timeout))
+                                  on_event, hosts_dir, retries, timeout))
     if as_json:
         ui.print_json(report.to_json())
         return
@@ -340,7 +340,7 @@ def registry_serve_command(
 
     with ui.access_log(access_log) as log:
         _run(serve(source, listen, tls_mode(tls), tls_cert, tls_key, htpasswd, state,
-                          tuple(name), log, ui.render_serving))
+                   tuple(name), log, ui.render_serving))
 
 
 @images_app.command("import")
@@ -554,7 +554,7 @@ def cluster_up_command(
 
     progress = None if as_json or plan else ui.cluster_up_progress
     report = _run(up_from_inventory(load_inventory(inventory), bundle, plan_only=plan,
-                                           jobs=jobs, progress=progress))
+                                    jobs=jobs, progress=progress))
     if as_json:
         ui.print_json(report.to_json())
     else:

@@ -203,14 +203,14 @@ def render_bundle_created(report: CreateReport) -> None:
     stdout().print(f"wrote {report.output}", highlight=False)
     if manifest.microk8s:
         stdout().print(f"  MicroK8s {manifest.microk8s} ({manifest.channel}), base {manifest.snap_base}",
-                     highlight=False)
+                       highlight=False)
     for snap in manifest.snaps:
         stdout().print(f"  snap {snap.name} revision {snap.revision} ({human_bytes(snap.size)})",
-                     highlight=False)
+                       highlight=False)
     stdout().print(f"  {len(manifest.images)} image(s), {human_bytes(manifest.blob_bytes)} of blobs "
-                 f"({human_bytes(manifest.shared_bytes_saved)} saved by sharing); "
-                 f"{report.fetched.blobs_copied} blob(s) fetched, "
-                 f"{report.fetched.blobs_present} already in the cache", highlight=False)
+                   f"({human_bytes(manifest.shared_bytes_saved)} saved by sharing); "
+                   f"{report.fetched.blobs_copied} blob(s) fetched, "
+                   f"{report.fetched.blobs_present} already in the cache", highlight=False)
 
 
 def render_verify(report: VerifyReport) -> None:
@@ -219,11 +219,11 @@ def render_verify(report: VerifyReport) -> None:
     if report.ok:
         rate = report.blob_bytes / report.seconds / 1e6 if report.seconds else 0.0
         stdout().print(f"{report.path}: OK — {report.images} image(s), {report.blobs} blob(s) "
-                     f"({human_bytes(report.blob_bytes)}), {report.snaps} snap(s) checked in "
-                     f"{report.seconds:.2f} s ({rate:.0f} MB/s)", highlight=False)
+                       f"({human_bytes(report.blob_bytes)}), {report.snaps} snap(s) checked in "
+                       f"{report.seconds:.2f} s ({rate:.0f} MB/s)", highlight=False)
         return
     stderr().print(f"[bold red]{escape(str(report.path))}: {len(report.problems)} problem(s)[/]",
-                 highlight=False)
+                   highlight=False)
     for problem in report.problems:
         stderr().print(f"  {escape(str(problem))}", highlight=False, soft_wrap=True)
 
@@ -234,10 +234,10 @@ def render_bundle_summary(summary: BundleSummary) -> None:
 
     manifest = summary.manifest
     stdout().print(f"bundle {summary.path} ({human_bytes(summary.file_size)}), made by "
-                 f"{manifest.tool} on {manifest.created}", highlight=False)
+                   f"{manifest.tool} on {manifest.created}", highlight=False)
     if manifest.microk8s:
         stdout().print(f"MicroK8s {manifest.microk8s}, channel {manifest.channel}, "
-                     f"base {manifest.snap_base}", highlight=False)
+                       f"base {manifest.snap_base}", highlight=False)
     stdout().print(f"platforms: {', '.join(manifest.platforms)}", highlight=False)
     stdout().print(f"registries: {', '.join(summary.registries) or '-'}", highlight=False)
     if manifest.snaps:
@@ -251,14 +251,14 @@ def render_bundle_summary(summary: BundleSummary) -> None:
                        human_bytes(image.size))
     stdout().print(images)
     stdout().print(f"{len(manifest.images)} image(s), {human_bytes(manifest.blob_bytes)} of blobs, "
-                 f"{human_bytes(manifest.shared_bytes_saved)} saved by sharing", highlight=False)
+                   f"{human_bytes(manifest.shared_bytes_saved)} saved by sharing", highlight=False)
 
 
 def render_hosts_toml(files: dict[str, str]) -> None:
     """The hosts.toml files every node needs, ready to copy."""
     stdout().print(f"\nEach node needs these {len(files)} file(s) "
-                 "(MicroK8s: /var/snap/microk8s/current/args/certs.d/<upstream>/hosts.toml; "
-                 "no restart needed):", highlight=False)
+                   "(MicroK8s: /var/snap/microk8s/current/args/certs.d/<upstream>/hosts.toml; "
+                   "no restart needed):", highlight=False)
     for upstream, text in files.items():
         stdout().print(f"\n--- {upstream}/hosts.toml", highlight=False)
         stdout().print(text, markup=False, highlight=False)
@@ -307,18 +307,18 @@ def render_configured(result: ConfigureResult) -> None:
         stderr().print("nothing changed: the node is already configured so", highlight=False)
     else:
         stderr().print(f"wrote {len(applied.written)} file(s)"
-                     + (f", backed up {len(applied.backups)} beside them" if applied.backups else "")
-                     + "".join(f"; ran `{' '.join(r.argv)}`" for r in applied.ran),
-                     highlight=False, markup=False)
+                       + (f", backed up {len(applied.backups)} beside them" if applied.backups else "")
+                       + "".join(f"; ran `{' '.join(r.argv)}`" for r in applied.ran),
+                       highlight=False, markup=False)
 
 
 def render_images_imported(report: ImportReport) -> None:
     for image in report.images:
         stdout().print(f"{image.name}@{image.found}", highlight=False, markup=False, soft_wrap=True)
     stderr().print(f"{len(report.images)} image(s) imported into MicroK8s {report.version} on "
-                 f"{report.node} ({report.platform}) with `{' '.join(report.command)}` from "
-                 f"{report.fed}; each is listed by `microk8s ctr image ls`",
-                 highlight=False, markup=False)
+                   f"{report.node} ({report.platform}) with `{' '.join(report.command)}` from "
+                   f"{report.fed}; each is listed by `microk8s ctr image ls`",
+                   highlight=False, markup=False)
 
 
 _STATUS_STYLE = {"PASS": "bold green", "WARN": "bold yellow", "FAIL": "bold red"}
@@ -364,15 +364,15 @@ def render_node_check(report: CheckReport, out: Console | None = None) -> None:
     counts = report.counts()
     style = "bold red" if counts["FAIL"] else ("bold yellow" if counts["WARN"] else "bold green")
     stderr().print(f"[{style}]{counts['PASS']} passed, {counts['WARN']} warning(s), "
-                 f"{counts['FAIL']} failed[/]", highlight=False)
+                   f"{counts['FAIL']} failed[/]", highlight=False)
 
 
 def render_listening(report: ListenReport) -> None:
     """`gapkit node listen`'s start line (on stdout, flushed: scripts wait for it)."""
     until = f"for {report.duration:g} s" if report.duration is not None else "until Ctrl-C"
     stdout().print(f"listening on {report.address}: "
-                 f"{', '.join(p.label for p in report.listening)} ({until})",
-                 highlight=False, markup=False)
+                   f"{', '.join(p.label for p in report.listening)} ({until})",
+                   highlight=False, markup=False)
     for label, why in report.skipped.items():
         warning(f"{label} not held: {why}")
     stdout().file.flush()
@@ -431,7 +431,7 @@ def render_cluster_check(report: ClusterCheckReport, out: Console | None = None)
     counts = report.counts()
     style = "bold red" if counts["FAIL"] else ("bold yellow" if counts["WARN"] else "bold green")
     stderr().print(f"[{style}]{counts['PASS']} passed, {counts['WARN']} warning(s), "
-                 f"{counts['FAIL']} failed[/]", highlight=False)
+                   f"{counts['FAIL']} failed[/]", highlight=False)
 
 
 def render_cluster_status(report: ClusterStatus, out: Console | None = None) -> None:
@@ -473,7 +473,7 @@ def cluster_up_progress(node: str, step: str, detail: str) -> None:
     from rich.markup import escape
 
     stderr().print(f"[bold]{escape(node)}[/]: {escape(step)}" + (f" ({escape(detail)})"
-                 if detail else ""), highlight=False, soft_wrap=True)
+                   if detail else ""), highlight=False, soft_wrap=True)
 
 
 def render_cluster_up(report: UpReport) -> None:
@@ -486,7 +486,7 @@ def render_cluster_up(report: UpReport) -> None:
     for node in report.nodes:
         for step, state in node.steps.items():
             stdout().print(f"{escape(node.node)}: {escape(step)}: {escape(state)}",
-                         highlight=False, soft_wrap=True)
+                           highlight=False, soft_wrap=True)
     if report.join is not None:
         join = report.join
         if join.joined:
