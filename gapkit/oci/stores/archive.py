@@ -425,6 +425,8 @@ class _Writer:
     temp: Path
     file: Any  # io.BufferedRandom, used only on the executor's one thread
     executor: concurrent.futures.ThreadPoolExecutor
+    #: Runs the fdatasyncs of `ArchiveStore._write_back`, beside the writes.
+    syncer: concurrent.futures.ThreadPoolExecutor
     platform: Platform
     finalizer: weakref.finalize[Any, Any]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -432,6 +434,8 @@ class _Writer:
     position: int = 0
     #: Bytes written since the last fdatasync (see `ArchiveStore._write_back`).
     unsynced: int = 0
+    #: The fdatasync in flight, if any.
+    write_back: concurrent.futures.Future[None] | None = None
     #: Blob regions reserved and not (yet) complete, by (digest, size).
     regions: dict[tuple[Digest, int], _Region] = field(default_factory=dict)
     broken: str | None = None
@@ -526,9 +530,11 @@ class ArchiveStore:
         file = os.fdopen(fd, "w+b")
         executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="gapkit-archive")
-        finalizer = weakref.finalize(store, _discard_temp, file, temp, executor,
+        syncer = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="gapkit-archive-sync")
+        finalizer = weakref.finalize(store, _discard_temp, file, temp, (executor, syncer),
                                      keep_at is not None)
-        store._writer = _Writer(temp, file, executor, platform or Platform.host(),
+        store._writer = _Writer(temp, file, executor, syncer, platform or Platform.host(),
                                 finalizer)
         store._data_path = temp
         # Directories first, like other image tools; oci-layout first so a sniffer finds it.
@@ -1221,12 +1227,22 @@ class ArchiveStore:
         await self._write_back(writer)
         return _Member(name, start + len(header), size)
 
-    async def _write_back(self, writer: _Writer) -> None:
-        """fdatasync every `WRITE_BACK_STEP` bytes, so the disk writes the archive while it is
-        still being fetched, and the fsync of `close()` has only the last part left to wait for."""
-        if writer.unsynced >= WRITE_BACK_STEP:
+    async def _write_back(self, writer: _Writer, wait: bool = False) -> None:
+        """Start an fdatasync every `WRITE_BACK_STEP` bytes, so the disk writes the archive
+        while it is still being fetched and the fsync of `close()` has only the last part left
+        to wait for. It runs on a thread of its own: writes go on meanwhile. `wait`: wait for
+        the one in flight. A failed one is reported here, at the latest by `close()`."""
+        running = writer.write_back
+        if running is not None and (wait or running.done()):
+            writer.write_back = None
+            try:
+                await asyncio.wrap_future(running)
+            except OSError as exc:
+                raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}",
+                                 hint="check the free space and the disk there") from exc
+        if writer.unsynced >= WRITE_BACK_STEP and writer.write_back is None and not wait:
             writer.unsynced = 0
-            await self._io(os.fdatasync, writer.file.fileno())
+            writer.write_back = writer.syncer.submit(os.fdatasync, writer.file.fileno())
 
     def _rollback(self, writer: _Writer, start: int) -> None:
         """Cut the temp file back to `start`. Queued on the writer thread, so it runs after
@@ -1267,12 +1283,14 @@ class ArchiveStore:
                 writer.regions.clear()
                 for name, data in self._index_members(writer):
                     await self._write_member(name, len(data), _single(data))
+                await self._write_back(writer, wait=True)
                 await self._io(_finish, writer.file, writer.position, writer.temp, self.path)
             except BaseException:
                 await self._discard(writer)
                 raise
             writer.finalizer.detach()
             writer.executor.shutdown(wait=True)
+            writer.syncer.shutdown(wait=True)
             self._closed = True
 
     async def abort(self) -> None:
@@ -1287,6 +1305,7 @@ class ArchiveStore:
         self._closed = True
         writer.executor.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(writer.executor.shutdown, wait=True)
+        await asyncio.to_thread(writer.syncer.shutdown, wait=True)
         writer.finalizer()  # closes and removes the temp file, once
 
     def _index_members(self, writer: _Writer) -> list[tuple[str, bytes]]:
@@ -1450,9 +1469,10 @@ def _copy_across(file: Any, target: Path) -> None:
         raise
 
 
-def _discard_temp(file: Any, temp: Path, executor: concurrent.futures.ThreadPoolExecutor,
-                  keep: bool) -> None:
-    executor.shutdown(wait=False, cancel_futures=True)
+def _discard_temp(file: Any, temp: Path,
+                  executors: tuple[concurrent.futures.ThreadPoolExecutor, ...], keep: bool) -> None:
+    for executor in executors:
+        executor.shutdown(wait=False, cancel_futures=True)
     with contextlib.suppress(OSError, ValueError):
         file.close()
     if not keep:
