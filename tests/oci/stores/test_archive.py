@@ -749,3 +749,123 @@ async def test_memory_does_not_grow_with_blob_size(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert size == desc.size
     assert written_peak < 8 * len(chunk) and read_peak < 8 * len(chunk), (written_peak, read_peak)
+
+
+# ---- several blobs at once, resume files ---------------------------------------------------
+
+
+def layout_blobs(layout: Path, name: str) -> list[Descriptor]:
+    return list(layout_manifest(layout, name).blobs)
+
+
+async def paced(path: Path, gate: asyncio.Event | None = None,
+                stop_after: int | None = None) -> AsyncIterator[bytes]:
+    """The file in 64 KiB chunks, yielding to the loop after each (so puts interleave);
+    waiting on `gate` before the last chunk; failing after `stop_after` bytes."""
+    data = path.read_bytes()
+    for start in range(0, len(data), 64 * 1024):
+        if stop_after is not None and start >= stop_after:
+            raise ConnectionResetError("the source went away")
+        if gate is not None and start + 64 * 1024 >= len(data):
+            await gate.wait()
+        yield data[start:start + 64 * 1024]
+        await asyncio.sleep(0)
+
+
+async def test_blobs_stream_in_at_once_and_a_stopped_writers_file_names_only_whole_ones(
+        layout: Path, tmp_path: Path) -> None:
+    """Puts interleave chunk by chunk; a blob is named `blobs/...` only once whole and checked.
+    The resume file of a writer that stops is kept, Python's tarfile walks it, and
+    `scan_blobs` finds exactly the whole blobs, at offsets holding their bytes."""
+    blobs = layout_blobs(layout, "app") + layout_blobs(layout, "multi")
+    unfinished = max(blobs, key=lambda d: d.size)
+    whole = [d for d in blobs if d is not unfinished]
+    keep = tmp_path / "cache" / "partial.tar"
+    keep.parent.mkdir()
+    gate = asyncio.Event()
+    store = ArchiveStore.create(tmp_path / "out.tar", keep_at=keep)
+    stuck = asyncio.create_task(store.put_blob(APP.repository, unfinished, VerifiedStream(
+        paced(blob_path(layout, unfinished.digest), gate), unfinished)))
+    await asyncio.gather(*(store.put_blob(APP.repository, d, VerifiedStream(
+        paced(blob_path(layout, d.digest)), d)) for d in whole))
+    assert not stuck.done()  # it was reserved first, so its region lies before the others
+    stuck.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stuck
+    await store.abort()
+    assert not (tmp_path / "out.tar").exists() and keep.exists()
+
+    with tarfile.open(keep) as tar:
+        names = tar.getnames()
+    assert f"gapkit/pending/sha256/{unfinished.digest.hex}" in names
+    assert sorted(n for n in names if n.startswith("blobs/sha256/") and n[13:]) == sorted(
+        f"blobs/sha256/{d.digest.hex}" for d in whole)
+    found = archive_module.scan_blobs(keep)
+    assert set(found) == {d.digest for d in whole}
+    with open(keep, "rb") as f:
+        for d in whole:
+            offset, size = found[d.digest]
+            f.seek(offset)
+            assert size == d.size and sha256(f.read(size)) == str(d.digest)
+
+
+async def test_a_blob_failed_between_others_is_put_again_in_its_place_or_left_unused(
+        layout: Path, tmp_path: Path) -> None:
+    """A failed blob whose region is not the last stays reserved: a second put of it fills
+    the same place; one never put again becomes `gapkit/unused/…` at close. Either way skopeo
+    and ctr's format rules still hold: no duplicate names, every image intact."""
+    app = layout_blobs(layout, "app")
+    big, small = max(app, key=lambda d: d.size), min(app, key=lambda d: d.size)
+    target = tmp_path / "app.tar"
+    async with ArchiveStore.create(target) as store:
+        failing = asyncio.create_task(store.put_blob(APP.repository, big, VerifiedStream(
+            paced(blob_path(layout, big.digest), stop_after=512 * 1024), big)))
+        await asyncio.sleep(0)
+        await store.put_blob(APP.repository, small, VerifiedStream(
+            file_chunks(blob_path(layout, small.digest)), small))  # reserved after `big`
+        with pytest.raises(ConnectionResetError):
+            await failing
+        assert await store.head_blob(APP.repository, big.digest) is None
+        size_before = os.path.getsize(store._data_path)
+        await put_image(store, layout, "app", APP)  # puts `big` again: into its old region
+        assert os.path.getsize(store._data_path) < size_before + big.size
+        # a blob that fails between others and is never put again
+        lost = Descriptor(small.media_type, Digest.of(b"x" * 5000), 5000)
+        go_on = asyncio.Event()
+
+        async def wrong_after_a_while() -> AsyncIterator[bytes]:
+            yield b"y" * 1000
+            await go_on.wait()
+            yield b"y" * 4000
+
+        losing = asyncio.create_task(store.put_blob(APP.repository, lost, wrong_after_a_while()))
+        await asyncio.sleep(0.05)
+        await store.put_blob(APP.repository, Descriptor(
+            small.media_type, Digest.of(b"z" * 700), 700), one_chunk(b"z" * 700))
+        go_on.set()
+        with pytest.raises(DigestMismatch):
+            await losing
+    names = tar_names(target)
+    assert len(names) == len(set(names))
+    assert [n for n in names if n.startswith("gapkit/")] == [
+        n for n in names if n.startswith("gapkit/unused/")] and len(
+        [n for n in names if n.startswith("gapkit/")]) == 1
+    assert tar_names(target).count(f"blobs/sha256/{big.digest.hex}") == 1
+    skopeo("copy", "--quiet", f"oci-archive:{target}:{APP}", f"oci:{tmp_path / 'check'}:a")
+
+
+async def test_a_resume_file_on_another_filesystem_is_copied_onto_the_target(
+        layout: Path, tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem of its own")
+    keep = shm / f"gapkit-test-{os.getpid()}.tar"
+    target = tmp_path / "app.tar"
+    try:
+        async with ArchiveStore.create(target, keep_at=keep) as store:
+            await put_image(store, layout, "app", APP)
+        assert not keep.exists()
+        assert os.listdir(tmp_path) == ["app.tar"]
+        skopeo("copy", "--quiet", f"oci-archive:{target}:{APP}", f"oci:{tmp_path / 'check'}:a")
+    finally:
+        keep.unlink(missing_ok=True)
