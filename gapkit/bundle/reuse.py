@@ -47,7 +47,11 @@ def _output_key(output: Path) -> str:
 def new_partial(cache: Path, output: Path) -> Path:
     """Where a build of `output` writes its bundle until it is complete (a new, unique name)."""
     folder = cache / PARTIAL_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot use the cache folder {cache}: {exc.strerror or exc}",
+                         hint="choose a writable one with --cache") from None
     return folder / f"{output.name}.{_output_key(output)}.{os.getpid()}-{secrets.token_hex(3)}.tar"
 
 

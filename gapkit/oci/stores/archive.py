@@ -526,7 +526,8 @@ class ArchiveStore:
             raise StoreError(f"cannot write {temp}: {exc.strerror or exc}",
                              hint="check that the folder exists and is writable") from None
         if keep_at is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else holds it
+            with contextlib.suppress(OSError):  # a new file: nobody else holds it
+                fcntl.flock(fd, fcntl.LOCK_EX)
         file = os.fdopen(fd, "w+b")
         executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="gapkit-archive")
