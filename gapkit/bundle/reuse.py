@@ -192,8 +192,14 @@ class ReusingSource:
                 yield chunk
             return
         path, start, size = found
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError:  # gone since the scan (another build used it up): fetch it
+            async for chunk in self.upstream.open_blob(repository, descriptor, offset):
+                yield chunk
+            return
         self.reused[descriptor.digest] = size
-        with open(path, "rb") as f:
+        with f:
             position = offset
             while position < size:
                 chunk = await asyncio.to_thread(

@@ -111,3 +111,20 @@ async def test_the_source_serves_whole_blobs_of_a_stopped_build_and_fetches_the_
         assert (await source.get_manifest(APP.with_tag(None).with_digest(digest))).digest == digest
     finally:
         await source.close()
+
+
+async def test_a_file_gone_since_the_scan_is_fetched_from_upstream_instead(
+        layout: Path, tmp_path: Path) -> None:
+    """Another build may use up a partial bundle between this build's scan and its reads."""
+    partial = tmp_path / "partial.tar"
+    blobs = await write_bundle(layout, tmp_path / "never.tar", keep_at=partial, finish=False)
+    source = ReusingSource(LayoutStore(layout), BlobPool.scan([partial], exclude=set()))
+    partial.unlink()
+    try:
+        for desc in blobs:
+            data = b"".join([c async for c in VerifiedStream(
+                source.open_blob(APP.repository, desc), desc)])
+            assert len(data) == desc.size
+        assert source.reused == {}
+    finally:
+        await source.close()
