@@ -210,7 +210,7 @@ def render_bundle_created(report: CreateReport) -> None:
     stdout().print(f"  {len(manifest.images)} image(s), {human_bytes(manifest.blob_bytes)} of blobs "
                    f"({human_bytes(manifest.shared_bytes_saved)} saved by sharing); "
                    f"{report.fetched.blobs_copied} blob(s) fetched, "
-                   f"{report.fetched.blobs_present} already in the cache", highlight=False)
+                   f"{report.blobs_reused} taken from earlier builds", highlight=False)
 
 
 def render_verify(report: VerifyReport) -> None:

@@ -60,11 +60,17 @@ def default_cache() -> Path:
 class CreateReport:
     manifest: BundleManifest
     output: Path
+    #: Blobs and bytes fetched from registries (`blobs_copied`), or already written
+    #: (`blobs_present`: taken from earlier builds, or shared with another image of this one).
     fetched: CopyReport
     warnings: list[str] = field(default_factory=list)
+    #: Of `fetched.blobs_present`: taken from a stopped build's partial bundle or an earlier one.
+    blobs_reused: int = 0
+    bytes_reused: int = 0
 
     def to_json(self) -> dict[str, object]:
-        fetched = self.fetched.to_json()
+        fetched: dict[str, object] = {**self.fetched.to_json(), "blobs_reused": self.blobs_reused,
+                                      "bytes_reused": self.bytes_reused}
         fetched.pop("images")
         return {"bundle": str(self.output), "manifest": self.manifest.model_dump(),
                 "fetched": fetched, "warnings": self.warnings}
@@ -169,8 +175,10 @@ async def _build(spec: BundleSpec, resolved: ImageList, output: Path, partial: P
             bytes_copied=copied.bytes_copied - sum(source.reused.values()),
             blobs_present=copied.blobs_present + len(source.reused),
             bytes_present=copied.bytes_present + sum(source.reused.values()))
-        return await _finish_bundle(spec, resolved, output, bundle, sources, snaps, fetched,
-                                    platforms, warnings)
+        report = await _finish_bundle(spec, resolved, output, bundle, sources, snaps, fetched,
+                                      platforms, warnings)
+    return dataclasses.replace(report, blobs_reused=len(source.reused),
+                               bytes_reused=sum(source.reused.values()))
 
 
 async def _finish_bundle(spec: BundleSpec, resolved: ImageList, output: Path,

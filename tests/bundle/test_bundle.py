@@ -239,7 +239,8 @@ def test_an_interrupted_build_restarts_without_fetching_finished_blobs(
     manifests = {image["digest"] for image in report["manifest"]["images"]}
     kept = {digest: size for digest, size in kept.items() if digest not in manifests}
     assert fetched["bytes_copied"] + sum(kept.values()) == report["manifest"]["blob_bytes"]
-    assert fetched["blobs_present"] >= len(kept) >= 1
+    assert fetched["blobs_reused"] == len(kept) >= 1
+    assert fetched["bytes_reused"] == sum(kept.values())
     assert json.loads(gapkit("bundle", "verify", "--json", str(tmp_path / "b.tar")).stdout)["ok"]
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
     assert list((cache / "partial").iterdir()) == []  # the partial became the bundle
@@ -261,7 +262,7 @@ def test_a_damaged_blob_of_an_earlier_bundle_is_fetched_again_and_a_warm_build_m
 
     warm = json.loads(gapkit("bundle", "create", "-o", str(tmp_path / "warm.tar"), *flags).stdout)
     assert warm["fetched"]["bytes_copied"] == 0 and not warm["warnings"]
-    assert warm["fetched"]["bytes_present"] >= cold["manifest"]["blob_bytes"]
+    assert warm["fetched"]["bytes_reused"] == cold["manifest"]["blob_bytes"]
 
     with tarfile.open(cold_tar) as tar:
         biggest = max((m for m in tar if m.name.startswith("blobs/sha256/")),
@@ -287,6 +288,9 @@ def test_a_damaged_blob_of_an_earlier_bundle_is_fetched_again_and_a_warm_build_m
         assert json.loads(gapkit("bundle", "verify", "--json", str(tmp_path / name)).stdout)["ok"]
     assert [i["digest"] for i in again["manifest"]["images"]] == \
         [i["digest"] for i in cold["manifest"]["images"]]
+    text = gapkit("bundle", "create", "-o", str(tmp_path / "text.tar"), *flags[:-1]).stdout
+    assert f"0 blob(s) fetched, {again['fetched']['blobs_reused'] + 1} taken from earlier " \
+        "builds" in text
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
 
 
