@@ -23,8 +23,9 @@ import json
 import sys
 from typing import Any
 
-from gapkit.oci.copy import DEFAULT_JOBS, CopyRequest, copy
+from gapkit.oci.copy import CopyRequest, copy
 from gapkit.oci.stores.base import Store
+from gapkit.oci.stores.options import DEFAULT_JOBS
 from gapkit.oci.transports import Location, open_store, registry_settings_from_flags
 
 

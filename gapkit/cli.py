@@ -15,7 +15,7 @@ import typer
 
 from gapkit import __version__, ui
 from gapkit.errors import GapkitError, UsageError
-from gapkit.oci.stores.options import DEFAULT_RETRIES, DEFAULT_TIMEOUT
+from gapkit.oci.stores.options import DEFAULT_JOBS, DEFAULT_RETRIES, DEFAULT_TIMEOUT
 
 # Start-up is paid on every run, and scripts run gapkit once per image (see bench/). So:
 # - every layer below (and asyncio, rich, pydantic, aiohttp) is imported inside the commands
@@ -25,10 +25,6 @@ from gapkit.oci.stores.options import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 
 if TYPE_CHECKING:
     from gapkit.oci.copy import CopyReport
-
-#: gapkit.oci.copy.DEFAULT_JOBS, which that module (and asyncio with it) would be imported for;
-#: tests/test_startup.py checks that the two agree.
-DEFAULT_JOBS = 6
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gapkit import cli, ui
+from gapkit import ui
 
 #: Imported by commands that need them, never at start-up.
 HEAVY = ("asyncio", "rich", "pydantic", "aiohttp", "yaml", "cryptography")
@@ -83,12 +83,6 @@ def test_verify_names_a_bad_bundle_json_as_the_models_do(tmp_path: Path) -> None
         "subject": "gapkit/bundle.json",
         "message": "invalid at blob_bytes: Input should be a valid integer, unable to parse "
                    "string as an integer"}]
-
-
-def test_the_cli_default_for_jobs_is_copy_s() -> None:
-    from gapkit.oci.copy import DEFAULT_JOBS
-
-    assert cli.DEFAULT_JOBS == DEFAULT_JOBS
 
 
 TRICKY = {

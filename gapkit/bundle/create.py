@@ -39,10 +39,11 @@ from gapkit.bundle.reuse import (
 from gapkit.bundle.spec import BundleSpec
 from gapkit.catalog import ImageList, resolve_images
 from gapkit.errors import DigestMismatch
-from gapkit.oci.copy import DEFAULT_JOBS, CopyReport, CopyRequest, EventHandler, copy
+from gapkit.oci.copy import CopyReport, CopyRequest, EventHandler, copy
 from gapkit.oci.model import Digest, Platform
 from gapkit.oci.reference import Reference
 from gapkit.oci.stores.archive import ArchiveStore, scan_blobs
+from gapkit.oci.stores.options import DEFAULT_JOBS
 from gapkit.snaps import FetchedSnap, fetch_snaps
 from gapkit.units import human_bytes
 

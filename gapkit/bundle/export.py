@@ -11,9 +11,10 @@ from pathlib import Path
 
 from gapkit.bundle.reader import open_bundle
 from gapkit.errors import BundleError, NotFound, UsageError
-from gapkit.oci.copy import DEFAULT_JOBS, CopyReport, CopyRequest, EventHandler, copy
+from gapkit.oci.copy import CopyReport, CopyRequest, EventHandler, copy
 from gapkit.oci.model import Platform
 from gapkit.oci.stores.archive import ArchiveFormat, ArchiveStore
+from gapkit.oci.stores.options import DEFAULT_JOBS
 
 
 def archive_format_of(text: str) -> ArchiveFormat:

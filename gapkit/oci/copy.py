@@ -23,11 +23,9 @@ from gapkit.errors import GapkitError, ManifestError, NotFound, UploadInterrupte
 from gapkit.oci.model import INDEX_MEDIA_TYPES, OCI_INDEX, Descriptor, Digest, Manifest, Platform
 from gapkit.oci.reference import Reference, Repository
 from gapkit.oci.stores.base import Store
+from gapkit.oci.stores.options import DEFAULT_JOBS
 from gapkit.oci.stream import VerifiedStream
 
-#: Blobs in flight at once. Two cores and a loopback registry saturate at about this many;
-#: see bench/ for the measurement behind it.
-DEFAULT_JOBS = 6
 #: Indexes nested deeper than this are refused (real ones nest once at most).
 MAX_INDEX_DEPTH = 4
 

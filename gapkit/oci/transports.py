@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Literal
 
 from gapkit.errors import UsageError
 from gapkit.oci.auth import parse_user_password
-from gapkit.oci.copy import DEFAULT_JOBS, CopyReport, CopyRequest, EventHandler, copy
+from gapkit.oci.copy import CopyReport, CopyRequest, EventHandler, copy
 from gapkit.oci.model import Platform
 from gapkit.oci.reference import Reference, normalise_registry
 from gapkit.oci.stores.archive import ArchiveStore
 from gapkit.oci.stores.base import Store
 from gapkit.oci.stores.layout import LayoutStore
-from gapkit.oci.stores.options import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HostOptions
+from gapkit.oci.stores.options import DEFAULT_JOBS, DEFAULT_RETRIES, DEFAULT_TIMEOUT, HostOptions
 
 if TYPE_CHECKING:
     from gapkit.oci.stores.registry import RegistryStore

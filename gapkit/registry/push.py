@@ -19,11 +19,11 @@ from pathlib import Path
 from gapkit.errors import UsageError
 from gapkit.node.hosts_toml import Mirror, render, write_hosts_dir
 from gapkit.oci.auth import parse_user_password
-from gapkit.oci.copy import DEFAULT_JOBS, CopyReport, CopyRequest, EventHandler, copy
+from gapkit.oci.copy import CopyReport, CopyRequest, EventHandler, copy
 from gapkit.oci.model import Platform
 from gapkit.oci.reference import Reference, Repository, is_registry_host
 from gapkit.oci.stores.base import Store
-from gapkit.oci.stores.options import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HostOptions
+from gapkit.oci.stores.options import DEFAULT_JOBS, DEFAULT_RETRIES, DEFAULT_TIMEOUT, HostOptions
 from gapkit.oci.transports import RegistrySettings
 
 #: Where MicroK8s reads hosts.toml files (its containerd `config_path`).

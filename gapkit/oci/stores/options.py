@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+#: Blobs in flight at once. Two cores and a loopback registry saturate at about this many;
+#: see bench/ for the measurement behind it.
+DEFAULT_JOBS = 6
 #: Retries of one request, and resumptions of one blob without progress, before giving up.
 DEFAULT_RETRIES = 5
 #: Seconds to connect, and the longest silence tolerated while reading.
