@@ -22,6 +22,7 @@ import pytest
 
 from tests.support.cli import gapkit
 from tests.support.faults import Fault, FaultProxy
+from tests.support.mounts import Mounts
 from tests.support.peers import Registry
 from tests.support.reliability import (
     REPOSITORY,
@@ -203,6 +204,24 @@ def test_bundle_create_fails_cleanly_once_retries_are_spent(
     # what was fetched stays in the cache for the next run, which the message says
     kept = list((tmp_path / "cache" / "partial").iterdir())
     assert len(kept) == 1 and f"is kept in {kept[0]}: run the same command again" in out.stderr
+
+
+def test_bundle_create_on_a_full_disk_names_the_file_and_a_rerun_with_room_completes(
+        source: Source, proxy: FaultProxy, tmp_path: Path) -> None:
+    """The cache on a 1 MiB tmpfs, the image 2.2 MB: a clear error naming the bundle and where
+    it is written, exit 1, no traceback, nothing next to the output; with room, it builds."""
+    output = tmp_path / "out" / "bundle.tar"
+    with Mounts() as mounts:
+        full = mounts.tmpfs(tmp_path / "small", 1024 * 1024)
+        out = bundle_through(proxy, output, full / "cache", check=False)
+        assert out.returncode == 1, out.stderr
+        assert_no_traceback(out.stderr)
+        assert f"error: cannot write {output}: No space left on device (it is written as " \
+            f"{full / 'cache' / 'partial'}" in out.stderr
+        assert list((tmp_path / "out").iterdir()) == []
+    report = json.loads(bundle_through(proxy, output, tmp_path / "cache").stdout)
+    assert report["manifest"]["images"][0]["digest"] == source.digest
+    gapkit("bundle", "verify", str(output))
 
 
 # --- gapkit registry push ------------------------------------------------------------------------

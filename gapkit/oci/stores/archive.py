@@ -1180,7 +1180,13 @@ class ArchiveStore:
         assert writer is not None
         if self._closed:
             raise StoreError(f"archive {self.path} was closed or aborted while being written")
-        return await asyncio.wrap_future(writer.executor.submit(fn, *args))
+        try:
+            return await asyncio.wrap_future(writer.executor.submit(fn, *args))
+        except OSError as exc:  # a full disk, a read-only or vanished folder: the user's to fix
+            where = "" if writer.temp.parent == self.path.parent else (
+                f" (it is written as {writer.temp} until complete)")
+            raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}{where}",
+                             hint="check the free space and the permissions there") from exc
 
     async def _write_member(self, name: str, size: int, chunks: AsyncIterator[bytes],
                             check: Descriptor | None = None) -> _Member:
