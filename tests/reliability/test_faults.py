@@ -159,6 +159,25 @@ def test_copy_fails_cleanly_once_retries_are_spent(
         assert not (target / "blobs" / "sha256" / source.big.blob.digest.split(":")[1]).exists()
 
 
+@pytest.mark.parametrize(("kind", "says"), [
+    ("oci", "cannot write the layout {target}: No space left on device"),
+    ("oci-archive", "cannot write {target}: No space left on device"),
+    ("docker-archive", "cannot write {target}: No space left on device"),
+])
+def test_copy_onto_a_full_disk_names_the_destination_and_leaves_no_temp_file(
+        kind: str, says: str, source: Source, proxy: FaultProxy, tmp_path: Path) -> None:
+    """A 1 MiB tmpfs, an image of 2.2 MB: exit 1 with a message naming the destination (it
+    was an internal error for a layout), no traceback, no temp file left on the full disk."""
+    with Mounts() as mounts:
+        full = mounts.tmpfs(tmp_path / "small", 1024 * 1024)
+        target = full / ("layout" if kind == "oci" else "images.tar")
+        out = copy_through(proxy, f"{kind}:{target}", check=False)
+        assert out.returncode == 1, out.stderr
+        assert_no_traceback(out.stderr)
+        assert f"error: {says.format(target=target)}" in out.stderr
+        assert dot_files(full) == []  # temp files and partial blobs start with "."
+
+
 # --- gapkit bundle create ------------------------------------------------------------------------
 
 BUNDLE_IMAGE = f"docker.io/{REPOSITORY}:{TAG}"

@@ -14,7 +14,7 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +70,29 @@ class LayoutStore:
                     f"{self.root} exists, is not empty and is not an OCI image layout",
                     hint="choose an empty or new folder for the layout",
                 )
+            with self._writing():
+                self.blobs.mkdir(parents=True, exist_ok=True)
+                atomic_write(marker, OCI_LAYOUT_CONTENT, durable=self.durable)
+                atomic_write(self.root / "index.json", self._index_bytes([]),
+                             durable=self.durable)
+        with self._writing():
             self.blobs.mkdir(parents=True, exist_ok=True)
-            atomic_write(marker, OCI_LAYOUT_CONTENT, durable=self.durable)
-            atomic_write(self.root / "index.json", self._index_bytes([]), durable=self.durable)
-        self.blobs.mkdir(parents=True, exist_ok=True)
         self._remove_stale_partials()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Turn a failed local write (a full disk, a read-only folder) into an error that names
+        the layout. Only around file operations: an OSError of a source stream (a reset) is not
+        the layout's."""
+        try:
+            yield
+        except OSError as exc:
+            raise StoreError(f"cannot write the layout {self.root}: {exc.strerror or exc}",
+                             hint="check the free space and the permissions there") from exc
+
+    async def _write_in_thread(self, fn: Callable[..., object], *args: object) -> None:
+        with self._writing():
+            await asyncio.to_thread(fn, *args)
 
     # -- index.json ---------------------------------------------------------------------------
 
@@ -155,7 +173,7 @@ class LayoutStore:
     async def put_manifest(self, ref: Reference, manifest: Manifest) -> None:
         path = self._blob_path(manifest.digest)
         if not path.exists():
-            await asyncio.to_thread(self._write_blob_bytes, path, manifest.raw)
+            await self._write_in_thread(self._write_blob_bytes, path, manifest.raw)
         if ref.tag is None:
             return
         entries, named = self._load_entries(), self._named()
@@ -180,7 +198,7 @@ class LayoutStore:
             if self._index_written >= change:
                 return
             latest, data = self._index_changes, self._index_bytes(self._load_entries())
-            await asyncio.to_thread(
+            await self._write_in_thread(
                 atomic_write, self.root / "index.json", data, 0o644, self.durable)
             self._index_written = latest
 
@@ -232,30 +250,32 @@ class LayoutStore:
         self, repository: Repository, descriptor: Descriptor, chunks: AsyncIterator[bytes]
     ) -> None:
         final = self._blob_path(descriptor.digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
         verify = not isinstance(chunks, VerifiedStream)
         hasher = descriptor.digest.hasher() if verify else None
         tmp = final.with_name(
             f"{_PARTIAL_PREFIX}{descriptor.digest.hex}-{os.getpid()}-{secrets.token_hex(4)}")
-        f = open(tmp, "wb", buffering=0)  # noqa: SIM115 - closed in finally across awaits
+        with self._writing():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            f = open(tmp, "wb", buffering=0)  # noqa: SIM115 - closed in finally across awaits
         size = 0
         try:
             async for chunk in chunks:
                 size += len(chunk)
                 if hasher is not None and len(chunk) >= THREAD_HASH_THRESHOLD:
-                    await asyncio.to_thread(_hash_and_write, hasher, f, chunk)
+                    await self._write_in_thread(_hash_and_write, hasher, f, chunk)
                 else:
                     if hasher is not None:
                         hasher.update(chunk)
-                    await asyncio.to_thread(f.write, chunk)
+                    await self._write_in_thread(f.write, chunk)
             if hasher is not None:
                 actual = f"{descriptor.digest.algorithm}:{hasher.hexdigest()}"
                 if actual != str(descriptor.digest) or size != descriptor.size:
                     raise DigestMismatch(str(descriptor.digest), actual)
             if self.durable:
-                await asyncio.to_thread(os.fsync, f.fileno())
-            f.close()
-            os.replace(tmp, final)
+                await self._write_in_thread(os.fsync, f.fileno())
+            with self._writing():
+                f.close()
+                os.replace(tmp, final)
             self._dirty_dirs = True
         finally:
             f.close()
@@ -276,7 +296,7 @@ class LayoutStore:
 
     async def close(self) -> None:
         if self._dirty_dirs and self.durable:
-            await asyncio.to_thread(fsync_dir, self.blobs)
+            await self._write_in_thread(fsync_dir, self.blobs)
             self._dirty_dirs = False
 
     def _remove_stale_partials(self) -> None:
