@@ -4,6 +4,7 @@ Exit codes: 0 success, 1 error, 2 bad usage or input, 3 not found, 70 internal b
 130 interrupted.
 """
 
+import errno
 import gc
 import sys
 import traceback
@@ -583,6 +584,10 @@ def main(argv: list[str] | None = None) -> None:
         gc.freeze()
 
 
+#: A full disk, a quota, a read-only filesystem: not bugs, whatever raised them.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 def _main(argv: list[str] | None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
@@ -601,7 +606,13 @@ def _main(argv: list[str] | None) -> None:
     except _INTERRUPTS:
         ui.error("interrupted; what was complete is kept, run the command again to finish")
         sys.exit(130)
-    except Exception as exc:  # any other exception is a bug in gapkit
+    except Exception as exc:  # any other exception is a bug in gapkit, but a full disk
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS and not _debug["on"]:
+            # a write that no store named (the stores name theirs): still the user's to fix
+            where = f" {exc.filename}" if exc.filename else ""
+            ui.error(f"cannot write{where}: {exc.strerror}",
+                     "free some space there, or choose another place to write")
+            sys.exit(1)
         if _debug["on"]:
             traceback.print_exc()
         else:

@@ -233,7 +233,12 @@ def _write_key(path: Path, key: Any) -> None:
 def _write(path: Path, data: bytes, mode: int) -> None:
     from gapkit.oci.fsutil import atomic_write
 
-    atomic_write(path, data, mode=mode)
+    try:
+        atomic_write(path, data, mode=mode)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}",
+                         hint="free some space there, or choose another folder with --state DIR"
+                         ) from None
 
 
 def server_context(files: TlsFiles) -> Any:

@@ -11,6 +11,7 @@ names the registry or image, no traceback, and leaves no archive, bundle, tag or
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import re
 import subprocess
@@ -23,7 +24,7 @@ import pytest
 from tests.support.cli import gapkit
 from tests.support.faults import Fault, FaultProxy
 from tests.support.mounts import Mounts
-from tests.support.peers import Registry
+from tests.support.peers import Registry, free_port
 from tests.support.reliability import (
     REPOSITORY,
     TAG,
@@ -241,6 +242,37 @@ def test_bundle_create_on_a_full_disk_names_the_file_and_a_rerun_with_room_compl
     report = json.loads(bundle_through(proxy, output, tmp_path / "cache").stdout)
     assert report["manifest"]["images"][0]["digest"] == source.digest
     gapkit("bundle", "verify", str(output))
+
+
+def test_serve_with_its_state_folder_on_a_full_disk_names_the_file(
+        source: Source, tmp_path: Path) -> None:
+    """`--tls auto` writes its CA into --state: on a full disk, exit 2 naming the file."""
+    with Mounts() as mounts:
+        full = mounts.tmpfs(tmp_path / "small", 4096)
+        (full / "fill").write_bytes(b"\0" * 4096)
+        out = gapkit("registry", "serve", str(source.layout), "--listen", f"127.0.0.1:{free_port()}",
+                     "--state", str(full / "state"), check=False, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert_no_traceback(out.stderr)
+        assert f"error: cannot write {full / 'state'}/ca.key: No space left on device" \
+            in out.stderr
+        assert dot_files(full) == []
+
+
+def test_a_full_disk_no_store_named_is_still_an_error_not_a_bug(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI's last line: an ENOSPC, EDQUOT or EROFS from anywhere exits 1 with the file,
+    not 70 'internal error' (the stores name their own; this is for a write they do not own)."""
+    from gapkit import cli
+
+    def full(**_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/var/x")
+
+    monkeypatch.setattr(cli, "app", full)
+    with pytest.raises(SystemExit) as exited:
+        cli._main(["version"])
+    assert exited.value.code == 1
+    assert "cannot write /var/x: No space left on device" in capsys.readouterr().err
 
 
 # --- gapkit registry push ------------------------------------------------------------------------
