@@ -10,7 +10,7 @@ import sys
 import traceback
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -584,6 +584,8 @@ def main(argv: list[str] | None = None) -> None:
         gc.freeze()
 
 
+#: The exit code of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
 #: A full disk, a quota, a read-only filesystem: not bugs, whatever raised them.
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
@@ -604,8 +606,7 @@ def _main(argv: list[str] | None) -> None:
             ui.error(str(exc))
         sys.exit(2)
     except _INTERRUPTS:
-        ui.error("interrupted; what was complete is kept, run the command again to finish")
-        sys.exit(130)
+        _interrupted()
     except Exception as exc:  # any other exception is a bug in gapkit, but a full disk
         if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS and not _debug["on"]:
             # a write that no store named (the stores name theirs): still the user's to fix
@@ -619,8 +620,15 @@ def _main(argv: list[str] | None) -> None:
             ui.error(f"internal error: {type(exc).__name__}: {exc}",
                      "this is a bug in gapkit; run again with --debug and report the traceback")
         sys.exit(70)
+    if code == INTERRUPTED:  # typer 0.26-0.28 turn Ctrl-C into this code, silently
+        _interrupted()
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _interrupted() -> NoReturn:
+    ui.error("interrupted; what was complete is kept, run the command again to finish")
+    sys.exit(INTERRUPTED)
 
 
 if __name__ == "__main__":

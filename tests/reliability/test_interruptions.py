@@ -199,6 +199,44 @@ def test_bundle_create_killed_at_a_byte_resumes_from_its_cache(
     assert list((cache / "partial").iterdir()) == []  # the killed run's partial is used up
 
 
+def test_bundle_create_stopped_by_ctrl_c_says_where_its_blobs_are_and_the_rerun_takes_them(
+        many: Many, proxy_for_many: FaultProxy, tmp_path: Path) -> None:
+    """SIGINT halfway: exit 130 with the partial bundle named and the interrupted message (typer
+    turned Ctrl-C into a silent exit 130), no traceback; the rerun fetches only the rest."""
+    proxy = proxy_for_many
+    output = tmp_path / "out" / "bundle.tar"
+    cache = tmp_path / "cache"
+    args = ["bundle", "create", "--no-snaps", f"--image={IMAGE}", "--platform=linux/amd64",
+            f"--mirror=docker.io=http://{proxy.host}", "--jobs", str(JOBS),
+            "--cache", str(cache), "-o", str(output), "--json"]
+    pause = proxy.add(Fault("pause", after=many.total // 2))
+    process = start(*args)
+    try:
+        assert pause.reached.wait(60), "gapkit never got that far"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    kept = list((cache / "partial").iterdir())
+    assert len(kept) == 1 and f"is kept in {kept[0]}: run the same command again" in stderr
+    assert stderr.rstrip().endswith(
+        "error: interrupted; what was complete is kept, run the command again to finish")
+    assert not output.exists()
+    complete = set(partial_bundle_blobs(cache)) & set(many.blobs)
+    first = per_blob(proxy, many)
+    proxy.clear()
+
+    report = json.loads(gapkit(*args).stdout)
+    check_refetch(first, per_blob(proxy, many), complete, many)
+    assert report["fetched"]["blobs_reused"] == len(complete) >= 1
+    gapkit("bundle", "verify", str(output))
+    assert list((cache / "partial").iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def many_bundle(source: Source, many: Many, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("many-bundle")
