@@ -28,6 +28,7 @@ from gapkit.bundle.model import (
     BundleSnap,
 )
 from gapkit.bundle.reuse import (
+    PARTIAL_FOLDER,
     BlobPool,
     ReusingSource,
     built_bundles,
@@ -145,7 +146,20 @@ async def create_bundle(
             await source.close()
         await asyncio.to_thread(remove_partials_of, cache, output, partials)
         await asyncio.to_thread(record_built, cache, output)
+        if others := await asyncio.to_thread(_sizes, partials):
+            note(f"{len(others)} partial bundle(s) of other stopped builds "
+                 f"({human_bytes(sum(others.values()))}) are kept in {cache / PARTIAL_FOLDER}; "
+                 "delete them if those builds will not run again")
         return report
+
+
+def _sizes(paths: list[Path]) -> dict[Path, int]:
+    """The size of each file of `paths` that still exists."""
+    sizes: dict[Path, int] = {}
+    for path in paths:
+        with contextlib.suppress(OSError):
+            sizes[path] = path.stat().st_size
+    return sizes
 
 
 def _tell_kept(partial: Path, warn: WarningHandler) -> None:

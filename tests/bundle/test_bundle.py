@@ -7,6 +7,7 @@ MicroK8s snap can be downloaded here.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -17,13 +18,18 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from gapkit.bundle import reuse
 from gapkit.catalog import resolve_images
+from gapkit.oci.model import Descriptor, Digest
+from gapkit.oci.reference import Reference
+from gapkit.oci.stores.archive import ArchiveStore
+from gapkit.units import human_bytes
 from tests.support.cli import gapkit
 from tests.support.containerd import Containerd
 from tests.support.images import partial_bundle_blobs
@@ -298,3 +304,36 @@ def find_member(archive: Path, name: str) -> int:
     """Where member `name`'s data starts in `archive`."""
     with tarfile.open(archive) as tar:
         return tar.getmember(name).offset_data
+
+
+def test_a_build_names_the_partial_bundles_other_stopped_builds_left(
+        upstreams: Upstreams, tmp_path: Path) -> None:
+    """The partial bundle of a stopped build of another output is a blob source, is kept (it is
+    that build's resume point), and the finished build says it is there and how big."""
+    refs = ["docker.io/team/other:1"]
+    upstreams.push(refs, layer_size=300_000)
+    cache = tmp_path / "cache"
+    stopped = reuse.new_partial(cache, tmp_path / "elsewhere.tar")
+    data = b"a blob of a build that was stopped" * 1000
+
+    async def stop_a_build() -> None:
+        store = ArchiveStore.create(tmp_path / "elsewhere.tar", keep_at=stopped)
+        digest = Digest.of(data)
+        await store.put_blob(Reference.parse("x/y").repository,
+                             Descriptor("application/octet-stream", digest, len(data)),
+                             one_chunk(data))
+        await store.abort()
+
+    asyncio.run(stop_a_build())
+    report = json.loads(gapkit("bundle", "create", "--no-snaps", "--cache", str(cache),
+                               "-o", str(tmp_path / "b.tar"), f"--image={refs[0]}",
+                               *upstreams.source_flags(), "--json").stdout)
+    size = stopped.stat().st_size
+    assert report["warnings"] == [
+        f"1 partial bundle(s) of other stopped builds ({human_bytes(size)}) are kept in "
+        f"{cache / 'partial'}; delete them if those builds will not run again"]
+    assert list((cache / "partial").iterdir()) == [stopped]
+
+
+async def one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
