@@ -173,15 +173,19 @@ def test_copy_into_an_archive_killed_midway_leaves_no_temp_file_after_the_rerun(
     assert dot_files(tmp_path) == []
 
 
+def bundle_args(proxy: FaultProxy, cache: Path, output: Path) -> list[str]:
+    """`gapkit bundle create` of the image through the proxy, as docker.io's mirror."""
+    return ["bundle", "create", "--no-snaps", f"--image={IMAGE}", "--platform=linux/amd64",
+            f"--mirror=docker.io=http://{proxy.host}", "--jobs", str(JOBS),
+            "--cache", str(cache), "-o", str(output), "--json"]
+
+
 @pytest.mark.parametrize("fraction", FRACTIONS)
 def test_bundle_create_killed_at_a_byte_resumes_from_its_cache(
         fraction: float, many: Many, proxy_for_many: FaultProxy, tmp_path: Path) -> None:
     proxy = proxy_for_many
-    output = tmp_path / "out" / "bundle.tar"
-    cache = tmp_path / "cache"
-    args = ["bundle", "create", "--no-snaps", f"--image={IMAGE}", "--platform=linux/amd64",
-            f"--mirror=docker.io=http://{proxy.host}", "--jobs", str(JOBS),
-            "--cache", str(cache), "-o", str(output), "--json"]
+    output, cache = tmp_path / "out" / "bundle.tar", tmp_path / "cache"
+    args = bundle_args(proxy, cache, output)
     kill_at(proxy, fraction, many, args)
     first = per_blob(proxy, many)
     complete = set(partial_bundle_blobs(cache)) & set(many.blobs)
@@ -204,11 +208,8 @@ def test_bundle_create_stopped_by_ctrl_c_says_where_its_blobs_are_and_the_rerun_
     """SIGINT halfway: exit 130 with the partial bundle named and the interrupted message (typer
     turned Ctrl-C into a silent exit 130), no traceback; the rerun fetches only the rest."""
     proxy = proxy_for_many
-    output = tmp_path / "out" / "bundle.tar"
-    cache = tmp_path / "cache"
-    args = ["bundle", "create", "--no-snaps", f"--image={IMAGE}", "--platform=linux/amd64",
-            f"--mirror=docker.io=http://{proxy.host}", "--jobs", str(JOBS),
-            "--cache", str(cache), "-o", str(output), "--json"]
+    output, cache = tmp_path / "out" / "bundle.tar", tmp_path / "cache"
+    args = bundle_args(proxy, cache, output)
     pause = proxy.add(Fault("pause", after=many.total // 2))
     process = start(*args)
     try:
