@@ -1188,20 +1188,16 @@ class ArchiveStore:
             raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}{where}",
                              hint="check the free space and the permissions there") from exc
 
-    async def _write_member(self, name: str, size: int, chunks: AsyncIterator[bytes],
-                            check: Descriptor | None = None) -> _Member:
-        """Append one member of `size` bytes; on any failure cut the file back to where it was."""
+    async def _write_member(self, name: str, size: int, chunks: AsyncIterator[bytes]) -> _Member:
+        """Append one member of `size` bytes (manifests, indexes, gapkit's own files; blobs go
+        through `put_blob`); on any failure cut the file back to where it was."""
         writer = self._writer
         assert writer is not None
         start = writer.position
         header = _header(name, size)
-        hasher = check.digest.hasher() if check is not None else None
-        where = f"the stream for {name} in {self.path}"
 
         def wrong(detail: str) -> GapkitError:
-            if check is None:
-                return StoreError(f"cannot write member {name!r} to {self.path}: {detail}")
-            return DigestMismatch(str(check.digest), detail, where)
+            return StoreError(f"cannot write member {name!r} to {self.path}: {detail}")
 
         received = 0
         iterator = aiter(chunks)
@@ -1213,14 +1209,10 @@ class ArchiveStore:
                 received += len(chunk)
                 if received > size:
                     raise wrong(f"it is longer than the {size} bytes its descriptor declares")
-                await self._io(_append, writer.file, chunk, hasher)
+                await self._io(writer.file.write, chunk)
             if received != size:
                 raise wrong(f"it is {received} bytes where its descriptor declares {size}")
-            if check is not None and hasher is not None:
-                actual = f"{check.digest.algorithm}:{hasher.hexdigest()}"
-                if actual != str(check.digest):
-                    raise DigestMismatch(str(check.digest), actual, where)
-            await self._io(_append, writer.file, b"\0" * (-size % _BLOCK), None)
+            await self._io(writer.file.write, b"\0" * (-size % _BLOCK))
             await self._io(writer.file.flush)
         except BaseException:
             self._rollback(writer, start)
@@ -1403,12 +1395,6 @@ def _reserve_range(file: Any, start: int, header: bytes, end: int) -> None:
     _pwrite(file.fileno(), header, start)
     if os.fstat(file.fileno()).st_size < end:
         os.ftruncate(file.fileno(), end)
-
-
-def _append(file: Any, data: bytes, hasher: Any) -> None:
-    file.write(data)
-    if hasher is not None:
-        hasher.update(data)
 
 
 def _finish(file: Any, end: int, temp: Path, target: Path) -> None:
