@@ -129,17 +129,14 @@ async def create_bundle(
         try:
             report = await _build(spec, resolved, output, partial, source, requests, sources,
                                   snaps, platforms, jobs, on_event, warnings)
-        except DigestMismatch as exc:
+        except BaseException as exc:
             # A blob in an earlier bundle or partial went bad (they are checked on use):
             # leave it out and fetch it again. A wrong blob from a registry is an error.
-            digest = Digest.parse(exc.expected)
-            if digest in source.reused and digest not in damaged:
-                damaged.add(digest)
-                note(f"blob {digest} in {source.where(digest)} was damaged; fetched it again")
+            bad = Digest.parse(exc.expected) if isinstance(exc, DigestMismatch) else None
+            if bad is not None and bad in source.reused and bad not in damaged:
+                damaged.add(bad)
+                note(f"blob {bad} in {source.where(bad)} was damaged; fetched it again")
                 continue
-            _tell_kept(partial, warn)
-            raise
-        except BaseException:
             _tell_kept(partial, warn)
             raise
         finally:
@@ -185,15 +182,15 @@ async def _build(spec: BundleSpec, resolved: ImageList, output: Path, partial: P
     async with ArchiveStore.create(output, format="oci",
                                    keep_at=partial) as bundle:
         copied = await copy(source, bundle, requests, platforms, jobs, on_event)
+        blobs_reused, bytes_reused = len(source.reused), sum(source.reused.values())
         fetched = dataclasses.replace(
-            copied, blobs_copied=copied.blobs_copied - len(source.reused),
-            bytes_copied=copied.bytes_copied - sum(source.reused.values()),
-            blobs_present=copied.blobs_present + len(source.reused),
-            bytes_present=copied.bytes_present + sum(source.reused.values()))
+            copied, blobs_copied=copied.blobs_copied - blobs_reused,
+            bytes_copied=copied.bytes_copied - bytes_reused,
+            blobs_present=copied.blobs_present + blobs_reused,
+            bytes_present=copied.bytes_present + bytes_reused)
         report = await _finish_bundle(spec, resolved, output, bundle, sources, snaps, fetched,
                                       platforms, warnings)
-    return dataclasses.replace(report, blobs_reused=len(source.reused),
-                               bytes_reused=sum(source.reused.values()))
+    return dataclasses.replace(report, blobs_reused=blobs_reused, bytes_reused=bytes_reused)
 
 
 async def _finish_bundle(spec: BundleSpec, resolved: ImageList, output: Path,

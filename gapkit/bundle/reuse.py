@@ -186,15 +186,12 @@ class ReusingSource:
 
     async def open_blob(self, repository: Repository, descriptor: Descriptor,
                         offset: int = 0) -> AsyncIterator[bytes]:
-        found = self.pool.blobs.get(descriptor.digest)
-        if found is None or found[2] != descriptor.size:
-            async for chunk in self.upstream.open_blob(repository, descriptor, offset):
-                yield chunk
-            return
-        path, start, size = found
-        try:
-            f = open(path, "rb")  # noqa: SIM115 - closed below
-        except OSError:  # gone since the scan (another build used it up): fetch it
+        path, start, size = self.pool.blobs.get(descriptor.digest, (None, 0, -1))
+        f = None
+        if path is not None and size == descriptor.size:
+            with contextlib.suppress(OSError):  # gone since the scan (another build used it up)
+                f = open(path, "rb")  # noqa: SIM115 - closed below
+        if f is None:
             async for chunk in self.upstream.open_blob(repository, descriptor, offset):
                 yield chunk
             return
