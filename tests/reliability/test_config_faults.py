@@ -266,6 +266,13 @@ class Stopped:
         attached = tracer.stderr.readline()  # "Process N attached [with T threads]": all of them
         assert "attached" in attached, attached + tracer.stderr.read()
 
+    def killed_at(self, syscall: str) -> None:
+        """Let gapkit go on and SIGKILL it at its next `syscall`; then end the rest."""
+        self.strace_kill(syscall)
+        self.release()
+        assert self.process.wait(timeout=30) == -signal.SIGKILL
+        self.close()
+
     def release(self) -> None:
         assert self.fd is not None
         os.write(self.fd, self.old)
@@ -370,10 +377,7 @@ def test_killed_while_writing_a_backup_the_rerun_sweeps_the_temp_file_and_conver
     root = tmp_path / "node"
     populate(root, quay=True)
     stopped = stop_at(root, ENV, many_files(ca))
-    stopped.strace_kill("fsync")
-    stopped.release()
-    assert stopped.process.wait(timeout=30) == -signal.SIGKILL
-    stopped.close()
+    stopped.killed_at("fsync")
 
     [temp] = temp_files(root)
     assert temp.name.startswith(".containerd-env.gapkit-backup-") and temp.read_bytes() == stopped.old
@@ -403,10 +407,7 @@ def test_killed_after_the_files_before_the_restart_the_rerun_restarts(
     root = tmp_path / "node"
     populate(root, quay=True)
     stopped = stop_at(root, ENV, many_files(ca))
-    stopped.strace_kill("pipe2")
-    stopped.release()
-    assert stopped.process.wait(timeout=30) == -signal.SIGKILL
-    stopped.close()
+    stopped.killed_at("pipe2")
     assert b"HTTPS_PROXY=http://proxy.lan:3128" in (root / ENV).read_bytes()
     assert microk8s.restarts() == 0
 

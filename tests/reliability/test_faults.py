@@ -31,6 +31,7 @@ from tests.support.reliability import (
     Source,
     assert_no_traceback,
     dot_files,
+    one_image_bundle,
     skopeo_reads,
 )
 
@@ -305,12 +306,7 @@ PUSH_FAILURES = ["reset-streamed", "reset-monolithic", "500-manifest"]
 
 @pytest.fixture(scope="module")
 def bundle(source: Source, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("reliability-bundle")
-    output = folder / "bundle.tar"
-    gapkit("bundle", "create", "--no-snaps", f"--image={BUNDLE_IMAGE}", "--platform=linux/amd64",
-           f"--mirror=docker.io={source.registry.url}", "--cache", str(folder / "cache"),
-           "-o", str(output))
-    return output
+    return one_image_bundle(source, BUNDLE_IMAGE, tmp_path_factory.mktemp("reliability-bundle"))
 
 
 def push_through(proxy: FaultProxy, bundle: Path, *,

@@ -26,7 +26,7 @@ from tests.support.cli import gapkit
 from tests.support.faults import Fault, FaultProxy
 from tests.support.images import ImageSpec, make_layer, partial_bundle_blobs, write_layout
 from tests.support.peers import Registry
-from tests.support.reliability import Source, dot_files, skopeo_reads
+from tests.support.reliability import Source, dot_files, one_image_bundle, skopeo_reads
 
 REPOSITORY = "demo/many"
 TAG = "v1"
@@ -240,12 +240,7 @@ def test_bundle_create_stopped_by_ctrl_c_says_where_its_blobs_are_and_the_rerun_
 
 @pytest.fixture(scope="module")
 def many_bundle(source: Source, many: Many, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("many-bundle")
-    output = folder / "bundle.tar"
-    gapkit("bundle", "create", "--no-snaps", f"--image={IMAGE}", "--platform=linux/amd64",
-           f"--mirror=docker.io={source.registry.url}", "--cache", str(folder / "cache"),
-           "-o", str(output))
-    return output
+    return one_image_bundle(source, IMAGE, tmp_path_factory.mktemp("many-bundle"))
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.cli import gapkit
 from tests.support.images import Layer
 from tests.support.peers import Registry
 
@@ -56,3 +57,13 @@ def dot_files(folder: Path) -> list[Path]:
 def assert_no_traceback(stderr: str) -> None:
     assert "Traceback" not in stderr, stderr
     assert "--debug" not in stderr, stderr  # the internal-error (bug) message
+
+
+def one_image_bundle(source: Source, image: str, folder: Path) -> Path:
+    """`folder/bundle.tar`: an images-only bundle (linux/amd64) of `image`, fetched from the
+    source registry as docker.io's mirror."""
+    output = folder / "bundle.tar"
+    gapkit("bundle", "create", "--no-snaps", f"--image={image}", "--platform=linux/amd64",
+           f"--mirror=docker.io={source.registry.url}", "--cache", str(folder / "cache"),
+           "-o", str(output))
+    return output
